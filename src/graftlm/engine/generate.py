@@ -1,0 +1,134 @@
+"""Offline generation: batched prompts of any lengths (left-padded), greedy or sampled, streamed or not.
+
+Each prompt in a batch yields the same tokens it would alone: padding is masked out of attention and
+every row's rotary positions start at 0 at its first real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from graftlm.engine.kv_cache import KVCache
+from graftlm.engine.sampling import SamplingParams, sample
+from graftlm.engine.text_stream import TextStream
+from graftlm.errors import PromptTooLongError
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class StepEvent:
+    """One row's new token and the text it settled (streaming)."""
+
+    row: int
+    token: int
+    delta: str
+    finish_reason: str | None
+
+
+class Generator:
+    def __init__(self, model: Llama, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+    @property
+    def context_window(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context_window:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens but the model's context window is {self.context_window} "
+                "(at least one position must be left to generate)"
+            )
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[Completion]:
+        """Generate for every prompt in one batch; `params` is shared or one per prompt."""
+        out = [Completion(prompt_tokens=len(p)) for p in prompts]
+        for ev in self.steps(prompts, params):
+            c = out[ev.row]
+            c.token_ids.append(ev.token)
+            c.text += ev.delta
+            c.finish_reason = ev.finish_reason
+        for c in out:
+            if c.token_ids and c.token_ids[-1] in self.stop_ids and c.finish_reason == "stop":
+                c.token_ids.pop()  # the EOS token is not part of the answer
+        return out
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[str]:
+        """Yield text deltas for one prompt as tokens are produced."""
+        for ev in self.steps([prompt], params):
+            if ev.delta:
+                yield ev.delta
+
+    @torch.inference_mode()
+    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+              ) -> Iterator[StepEvent]:
+        """Run the batch to completion, yielding each row's tokens as they come."""
+        b = len(prompts)
+        per_row = [params] * b if isinstance(params, SamplingParams) else list(params)
+        if len(per_row) != b:
+            raise ValueError(f"{b} prompts but {len(per_row)} sampling settings")
+        for p in prompts:
+            self.check_prompt(p)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        budget = [min(sp.max_new_tokens, self.context_window - n) for sp, n in zip(per_row, lengths, strict=True)]
+        total = width + max(budget)
+        device = self.model.embed_tokens.weight.device
+
+        tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros((b, total), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            valid[i, width - len(p):] = True
+        pad = torch.tensor([width - n for n in lengths], device=device)
+        positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [B, S]
+        cache = KVCache(self.model.config, b, total, self.model.embed_tokens.weight.dtype, device)
+        gens = [sp.generator(device) for sp in per_row]
+        streams = [TextStream(self.tokenizer, sp.stop) for sp in per_row]
+        done = [False] * b
+
+        logits = self.model(tokens, positions, cache, 0, valid[:, :width], last_only=True)[:, -1]  # [B, V]
+        start = width
+        for step in range(max(budget)):
+            next_ids = [self.pad_id] * b
+            for i in range(b):
+                if done[i]:
+                    continue
+                tok = sample(logits[i], per_row[i], gens[i])
+                next_ids[i] = tok
+                delta = streams[i].push(tok)
+                reason = None
+                if streams[i].stopped or (tok in self.stop_ids and not per_row[i].ignore_eos):
+                    reason = "stop"
+                elif step + 1 >= budget[i]:
+                    reason = "length"
+                if reason is not None:
+                    done[i] = True
+                    if reason == "length" or tok in self.stop_ids:
+                        delta += streams[i].finish()
+                yield StepEvent(i, tok, delta, reason)
+            if all(done):
+                return
+            valid[:, start] = True
+            step_tokens = torch.tensor(next_ids, device=device)[:, None]  # [B, 1]
+            step_pos = (start - pad)[:, None]  # [B, 1]
+            logits = self.model(step_tokens, step_pos, cache, start, valid[:, : start + 1], last_only=True)[:, -1]
+            start += 1

@@ -1,0 +1,175 @@
+"""The Llama-family forward: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings.
+
+Projections are plain `nn.Linear` attributes named as in Hugging Face checkpoints (`q_proj`, ...), so
+LoRA and palettized layers can replace them by composition without touching this file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.model.config import LlamaConfig
+from graftlm.model.rope import RotaryTable, apply_rotary
+
+if TYPE_CHECKING:
+    from graftlm.engine.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019), normalised in float32 as in HF Llama."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, s, _ = x.shape  # x: [B, S, hidden]
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, S, D]
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, ctx.start, k, v)  # [B, KV, start+S, D]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ForwardContext:
+    """What every layer needs for one forward call: rotary tables, the cache and the attention mask."""
+
+    def __init__(
+        self,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        start: int,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+    ):
+        self.cos, self.sin = cos, sin  # [B, 1, S, D]
+        self.cache, self.start = cache, start
+        self.mask, self.is_causal = mask, is_causal  # mask: [B, 1, S, start+S] bool, True = attend
+
+
+def attention_mask(
+    key_valid: torch.Tensor | None, start: int, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """The mask for queries at [start, start+S) over keys [0, start+S); None when SDPA's own flag does.
+
+    key_valid: [B, start+S] bool, False on left-padding. Padding queries attend to themselves only, so
+    no row of the softmax is empty.
+    """
+    total = start + seq_len
+    if key_valid is None or bool(key_valid.all()):
+        if seq_len == 1:
+            return None, False
+        if start == 0:
+            return None, True
+    q_pos = torch.arange(start, total, device=device)
+    k_pos = torch.arange(total, device=device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # [S, T]
+    if key_valid is None:
+        return causal[None, None], False
+    mask = causal[None] & key_valid[:, None, :]  # [B, S, T]
+    mask = mask | (k_pos[None, None, :] == q_pos[None, :, None])
+    return mask[:, None], False
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryTable(config)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Keep the rotary tables (plain tensors, not buffers) on the model's device but in float32.
+        super()._apply(fn, recurse)
+        self.rotary.to(self.embed_tokens.weight.device)
+        return self
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        key_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [B, S] at cache offset `start`: [B, S, V], or [B, 1, V] with `last_only`.
+
+        positions: [B, S] rotary positions (default start..start+S-1); key_valid: [B, start+S] bool.
+        """
+        b, s = tokens.shape
+        if positions is None:
+            positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+        cos, sin = self.rotary.lookup(positions)
+        mask, is_causal = attention_mask(key_valid, start, s, tokens.device)
+        dtype = self.embed_tokens.weight.dtype
+        ctx = ForwardContext(cos.to(dtype), sin.to(dtype), cache, start, mask, is_causal)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
