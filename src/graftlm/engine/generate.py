@@ -57,8 +57,9 @@ class Generator:
                 "(at least one position must be left to generate)"
             )
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
         """Generate for every prompt in one batch; `params` is shared or one per prompt."""
         out = [Completion(prompt_tokens=len(p)) for p in prompts]
         for ev in self.steps(prompts, params):
@@ -78,8 +79,9 @@ class Generator:
                 yield ev.delta
 
     @torch.inference_mode()
-    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-              ) -> Iterator[StepEvent]:
+    def steps(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> Iterator[StepEvent]:
         """Run the batch to completion, yielding each row's tokens as they come."""
         b = len(prompts)
         per_row = [params] * b if isinstance(params, SamplingParams) else list(params)
@@ -96,8 +98,8 @@ class Generator:
         tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
         valid = torch.zeros((b, total), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
-            tokens[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            valid[i, width - len(p):] = True
+            tokens[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            valid[i, width - len(p) :] = True
         pad = torch.tensor([width - n for n in lengths], device=device)
         positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [B, S]
         cache = KVCache(self.model.config, b, total, self.model.embed_tokens.weight.dtype, device)

@@ -21,9 +21,7 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, KV, S, D] at [start, start+S) and return the layer's keys and values so far."""
         end = start + k.shape[2]
         if end > self.max_len:

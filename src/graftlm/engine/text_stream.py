@@ -40,7 +40,7 @@ class TextStream:
     def _emit(self, upto: str) -> str:
         if len(upto) <= len(self.text):
             return ""
-        delta = upto[len(self.text):]
+        delta = upto[len(self.text) :]
         self.text = upto
         return delta
 

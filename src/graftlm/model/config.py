@@ -27,8 +27,7 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
-                f"rope scaling type {self.rope_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                f"rope scaling type {self.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
         if self.factor <= 0:
             raise CorruptModelError(f"rope scaling factor must be positive, got {self.factor}")
@@ -58,8 +57,7 @@ class LlamaConfig:
         if self.head_dim == 0:
             if self.hidden_size % self.num_attention_heads:
                 raise CorruptModelError(
-                    f"hidden_size {self.hidden_size} is not divisible by "
-                    f"num_attention_heads {self.num_attention_heads}"
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -93,8 +91,11 @@ class LlamaConfig:
             raise UnsupportedModelError(
                 f"sliding-window attention (window {window} < context {max_pos}) is not supported"
             )
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in d
+        ]
         if missing:
             raise CorruptModelError(f"config is missing required fields: {', '.join(missing)}")
         # transformers 5 moves rope_theta and scaling into `rope_parameters`.
@@ -136,8 +137,7 @@ class LlamaConfig:
         d = asdict(self)
         scaling = d.pop("rope_scaling")
         d["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
-        d["eos_token_id"] = (list(self.eos_token_id) if len(self.eos_token_id) != 1
-                             else self.eos_token_id[0]) or None
+        d["eos_token_id"] = (list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]) or None
         d["hidden_act"] = "silu"
         d["architectures"] = ["LlamaForCausalLM"]
         d["torch_dtype"] = "float32"

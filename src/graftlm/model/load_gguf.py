@@ -158,10 +158,12 @@ def read_tensors(reader: GGUFReader, config: dict[str, Any], path: Path) -> dict
 
 def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     if pre in _LLAMA3_PRE:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -185,11 +187,17 @@ def read_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
     backend = HFTokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
     backend.decoder = decoders.ByteLevel()
-    special = [AddedToken(tok, special=True, normalized=False)
-               for tok, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_CONTROL]
+    special = [
+        AddedToken(tok, special=True, normalized=False)
+        for tok, ty in zip(tokens, types, strict=True)
+        if ty == TOKEN_TYPE_CONTROL
+    ]
     backend.add_special_tokens(special)
-    user = [AddedToken(tok, normalized=False) for tok, ty in zip(tokens, types, strict=True)
-            if ty == TOKEN_TYPE_USER_DEFINED]
+    user = [
+        AddedToken(tok, normalized=False)
+        for tok, ty in zip(tokens, types, strict=True)
+        if ty == TOKEN_TYPE_USER_DEFINED
+    ]
     backend.add_tokens(user)
 
     def token_text(key: str) -> str | None:

@@ -115,8 +115,7 @@ def load_checkpoint(
     config = LlamaConfig.from_file(path / "config.json")
     model = build_model(config, read_tensors(path), dtype, device)
     tokenizer = Tokenizer.from_dir(path)
-    log.info("loaded %s: %d layers, %.1fM parameters", path, config.num_hidden_layers,
-             model.num_parameters() / 1e6)
+    log.debug("loaded %s: %d layers, %.1fM parameters", path, config.num_hidden_layers, model.num_parameters() / 1e6)
     return model, tokenizer
 
 

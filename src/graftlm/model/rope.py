@@ -12,7 +12,7 @@ from graftlm.model.config import LlamaConfig
 def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     """Per-pair rotation frequencies [head_dim // 2], after the config's scaling."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = config.rope_scaling
     if s.rope_type == "linear":
         inv_freq = inv_freq / s.factor

@@ -1,0 +1,62 @@
+"""`graftlm generate PROMPT...`: answer one or more prompts (several run as one batch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+
+from graftlm.cli.options import DTYPES, add_model, add_sampling, sampling_from
+from graftlm.engine.generate import Generator
+from graftlm.model import catalog
+
+err = Console(stderr=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts",
+        description=(
+            "Answer one or more prompts. With a chat model each prompt is sent as a user message through "
+            "its chat template, unless --raw. One prompt streams its answer; several run as one batch."
+        ),
+    )
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text ('-' reads it from stdin)")
+    p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
+    p.add_argument("--system", default=None, help="system message for chat models")
+    add_model(p)
+    add_sampling(p)
+    p.set_defaults(run=run)
+
+
+def encode(gen: Generator, text: str, raw: bool, system: str | None) -> list[int]:
+    tok = gen.tokenizer
+    if raw or not tok.chat_template:
+        return tok.encode(text)
+    messages = [{"role": "system", "content": system}] if system else []
+    return tok.encode_chat([*messages, {"role": "user", "content": text}])
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sampling_from(args)
+    texts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
+    model, tok, _ = catalog.load(args.model, DTYPES[args.dtype], args.device)
+    gen = Generator(model, tok)
+    prompts = [encode(gen, t, args.raw, args.system) for t in texts]
+    t0 = time.perf_counter()
+    if len(prompts) == 1:
+        count = 0
+        for count, ev in enumerate(gen.steps(prompts, params), 1):  # noqa: B007 (count is used after)
+            print(ev.delta, end="", flush=True)
+        print()
+    else:
+        outs = gen.generate(prompts, params)
+        for text, out in zip(texts, outs, strict=True):
+            print(f"### {text}\n{out.text}\n")
+        count = sum(len(o.token_ids) for o in outs)
+    dt = time.perf_counter() - t0
+    err.print(f"[dim]{count} tokens in {dt:.2f} s ({count / dt:.1f} tokens/s)[/]")
+    return 0

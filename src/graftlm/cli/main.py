@@ -1,0 +1,53 @@
+"""`graftlm` command line: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from graftlm import __version__
+from graftlm.cli import chat, demo, generate, info
+from graftlm.errors import GraftlmError
+
+err = Console(stderr=True)
+
+COMMANDS = (generate, chat, info, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graftlm",
+        description="One small language model, many small task adapters.",
+        epilog="Run `graftlm COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"graftlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens in detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+    )
+    try:
+        return int(args.run(args) or 0)
+    except (GraftlmError, ValueError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Options shared by the commands that load a model and generate."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from graftlm.engine.sampling import SamplingParams
+from graftlm.model.catalog import CATALOG, DEFAULT_MODEL
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"catalog name ({', '.join(CATALOG)}), checkpoint directory or .gguf file (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+
+
+def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "-n", "--max-tokens", type=int, default=max_tokens, help=f"most new tokens per answer (default: {max_tokens})"
+    )
+    g.add_argument("-t", "--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable); it is not included in the answer",
+    )
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )

@@ -1,0 +1,65 @@
+"""Our forward against transformers' LlamaForCausalLM built from the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from graftlm.engine.kv_cache import KVCache
+from graftlm.model.load_hf import load_checkpoint
+from tests.conftest import write_tiny_checkpoint
+
+
+def _compare(path: Path, seq: int = 17) -> float:
+    ours, _ = load_checkpoint(path)
+    ref = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, ours.config.vocab_size, (3, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        got = ours(tokens)
+    return float((want - got).abs().max())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": False},
+        {"num_key_value_heads": 4},
+        {"num_key_value_heads": 1, "head_dim": 32},
+        {"attention_bias": True, "mlp_bias": True},
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+    ],
+    ids=["tied-gqa", "untied", "mha", "mqa-headdim", "bias", "rope-linear", "rope-llama3"],
+)
+def test_logits_match_transformers(tmp_path: Path, overrides: dict) -> None:
+    path = write_tiny_checkpoint(tmp_path, **overrides)
+    assert _compare(path, seq=100) <= 1e-4
+
+
+def test_kv_cache_decode_matches_full_forward(tiny_dir: Path) -> None:
+    model, _ = load_checkpoint(tiny_dir)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.config, 2, 12)
+        parts = [model(tokens[:, :5], cache=cache)]
+        parts += [model(tokens[:, i : i + 1], cache=cache, start=i) for i in range(5, 12)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)
+
+
+def test_tied_embeddings_share_storage(tiny_dir: Path) -> None:
+    model, _ = load_checkpoint(tiny_dir)
+    assert model.lm_head.weight is model.embed_tokens.weight
