@@ -85,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
             reply += ev.delta
             count += 1
         dt = time.perf_counter() - t0
-        console.print(f"\n[dim]({count} tokens, {count / dt:.1f} tokens/s)[/]")
+        console.print(f"\n[dim](context {len(prompt)} tokens; reply {count} tokens, {count / dt:.1f} tokens/s)[/]")
         messages.append({"role": "assistant", "content": reply})

@@ -99,8 +99,7 @@ class LlamaConfig:
         if missing:
             raise CorruptModelError(f"config is missing required fields: {', '.join(missing)}")
         # transformers 5 moves rope_theta and scaling into `rope_parameters`.
-        rope = dict(d.get("rope_scaling") or {})
-        rope.update(d.get("rope_parameters") or {})
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling = RopeScaling(
@@ -136,6 +135,12 @@ class LlamaConfig:
         """The `config.json` that transformers' `LlamaForCausalLM` loads."""
         d = asdict(self)
         scaling = d.pop("rope_scaling")
+        if scaling["rope_type"] == "default":
+            scaling = {"rope_type": "default"}
+        elif scaling["rope_type"] == "linear":
+            scaling = {"rope_type": "linear", "factor": scaling["factor"]}
+        # transformers 5 reads `rope_parameters`; 4.x reads `rope_theta` and `rope_scaling`.
+        d["rope_parameters"] = {**scaling, "rope_theta": self.rope_theta}
         d["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
         d["eos_token_id"] = (list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]) or None
         d["hidden_act"] = "silu"

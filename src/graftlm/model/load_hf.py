@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from graftlm.errors import CorruptModelError
@@ -59,7 +59,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield key, st.get_tensor(key)
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
             raise CorruptModelError(f"cannot read weights from {f}: {e}") from e
 
 

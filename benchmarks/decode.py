@@ -1,0 +1,103 @@
+"""Prefill and decode speed of graftlm's generator against transformers, on the same weights.
+
+Peer: transformers `LlamaForCausalLM.generate` (float32, greedy, KV cache), loaded from the very
+checkpoint directory graftlm reads. Both run in this process with the same thread count.
+
+    python benchmarks/decode.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 3]
+
+Prints prefill ms per prompt token (512-token prompt) and decode tokens/s at batch 1, 8 and 32
+(128-token prompts, 64 new tokens; prefill time subtracted), with the ratio graftlm / transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from graftlm.engine.generate import Generator
+from graftlm.engine.kv_cache import KVCache
+from graftlm.engine.sampling import SamplingParams
+from graftlm.model import catalog
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=catalog.DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import LlamaForCausalLM
+
+    model, tok, source = catalog.load(args.model)
+    ref = LlamaForCausalLM.from_pretrained(source.checkpoint, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+    gen = Generator(model, tok)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    console = Console()
+    console.print(f"{source.name}: {model.num_parameters() / 1e6:.1f}M parameters, float32, "
+                  f"{torch.get_num_threads()} threads, medians of {args.repeats}")
+
+    rows = []
+    long_prompt = torch.randint(100, vocab, (1, 512), generator=g)
+
+    def ours_prefill() -> None:
+        with torch.inference_mode():
+            model(long_prompt, cache=KVCache(model.config, 1, 512), last_only=True)
+
+    def ref_prefill() -> None:
+        with torch.inference_mode():
+            ref(long_prompt, use_cache=True, logits_to_keep=1)
+
+    a, b = (median_time(f, args.repeats) * 1000 / 512 for f in (ours_prefill, ref_prefill))
+    rows.append(("prefill ms/token (512-token prompt)", a, b, b / a))
+
+    n = args.new_tokens
+    for batch in (int(x) for x in args.batches.split(",")):
+        prompts = torch.randint(100, vocab, (batch, 128), generator=g)
+        ids = prompts.tolist()
+        one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        full = SamplingParams(max_new_tokens=n + 1, ignore_eos=True)
+        mask = torch.ones_like(prompts)
+
+        def ours(params: SamplingParams, ids: list[list[int]] = ids) -> None:
+            gen.generate(ids, params)
+
+        def theirs(k: int, prompts: torch.Tensor = prompts, mask: torch.Tensor = mask) -> None:
+            with torch.inference_mode():
+                ref.generate(prompts, attention_mask=mask, max_new_tokens=k, do_sample=False, pad_token_id=0)
+
+        ours_dt = median_time(lambda: ours(full), args.repeats) - median_time(lambda: ours(one), args.repeats)
+        ref_dt = median_time(lambda: theirs(n + 1), args.repeats) - median_time(lambda: theirs(1), args.repeats)
+        a, b = batch * n / ours_dt, batch * n / ref_dt
+        rows.append((f"decode tokens/s, batch {batch}", a, b, a / b))
+
+    table = Table(title="graftlm vs transformers (ratio > 1: graftlm faster)")
+    for col in ("measure", "graftlm", "transformers", "ratio"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    for name, a, b, r in rows:
+        table.add_row(name, f"{a:.2f}", f"{b:.2f}", f"{r:.2f}x")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The command line, run in-process and as a subprocess, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graftlm.cli.main import main
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("generate", "chat", "info", "demo"):
+        assert cmd in out
+
+
+def test_generate_raw_and_batched(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "-m", str(tiny_dir), "--raw", "-n", "8", "The quick brown"]) == 0
+    single = capsys.readouterr().out.strip()
+    assert single
+    assert main(["generate", "-m", str(tiny_dir), "--raw", "-n", "8", "The quick brown", "Hi"]) == 0
+    batched = capsys.readouterr().out
+    assert "### The quick brown" in batched and "### Hi" in batched
+    assert single in batched  # batching does not change the answer
+
+
+def test_info_json(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tiny_dir), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["layers"] == 2 and facts["kv_heads"] == 2 and facts["checkpoint"] == str(tiny_dir)
+    assert facts["parameters"] > 0
+
+
+def test_unknown_model_lists_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "smollm2-135m-instruct" in err
+
+
+def test_unsupported_architecture_is_named(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "gpt2ish"
+    bad.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["info", str(bad)]) == 2
+    assert "GPTNeoXForCausalLM" in capsys.readouterr().err
+
+
+def test_prompt_too_long_is_a_clear_error(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    long = "The quick brown fox jumps over the lazy dog. " * 40
+    assert main(["generate", "-m", str(tiny_dir), "--raw", long]) == 2
+    assert "context window is 128" in capsys.readouterr().err
+
+
+def test_bad_sampling_option_is_a_clear_error(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "-m", str(tiny_dir), "--top-p", "0", "hi"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_chat_keeps_the_conversation(tiny_dir: Path) -> None:
+    # A real terminal session: two turns, a reset, then Ctrl-D.
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftlm.cli.main", "chat", "-m", str(tiny_dir), "-n", "6"],
+        input="hello\nhow are you\n/reset\nagain\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("bot>") == 3
+    assert "conversation cleared" in proc.stdout
+    contexts = [int(x) for x in re.findall(r"context (\d+) tokens", proc.stdout)]
+    assert contexts[1] > contexts[0] + 6  # the second turn carries the first exchange
+    assert contexts[2] < contexts[1]  # /reset forgot it
+
+
+def test_chat_drops_the_oldest_turns_to_fit(tiny_dir: Path) -> None:
+    from graftlm.cli.chat import fit
+    from graftlm.engine.generate import Generator
+    from graftlm.errors import GraftlmError
+    from graftlm.model.load_hf import load_checkpoint
+
+    gen = Generator(*load_checkpoint(tiny_dir))
+    turn = "The quick brown fox jumps over the lazy dog."
+    messages = [{"role": "system", "content": "Be brief."}]
+    for _ in range(6):
+        messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}]
+    messages.append({"role": "user", "content": "last question"})
+    ids = fit(gen, messages, room=32)
+    assert len(ids) + 32 <= gen.context_window
+    assert messages[0]["role"] == "system" and messages[-1]["content"] == "last question"
+    assert len(messages) < 14
+    with pytest.raises(GraftlmError, match="leaves no room"):
+        fit(gen, [{"role": "user", "content": turn * 20}], room=32)
