@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from rich.console import Console
@@ -36,6 +37,22 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def decode_rate(run: Callable[[int], object], batch: int, n: int, repeats: int) -> float:
+    """Tokens/s of `n` decode steps: a run of n+1 new tokens minus a run of 1 (prefill and first token)."""
+    return batch * n / (median_time(partial(run, n + 1), repeats) - median_time(partial(run, 1), repeats))
+
+
+def ours_generate(gen: Generator, prompts: list[list[int]], new_tokens: int) -> None:
+    gen.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+
+
+def ref_generate(ref: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> None:
+    with torch.inference_mode():
+        ref.generate(
+            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=catalog.DEFAULT_MODEL)
@@ -54,8 +71,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     console = Console()
-    console.print(f"{source.name}: {model.num_parameters() / 1e6:.1f}M parameters, float32, "
-                  f"{torch.get_num_threads()} threads, medians of {args.repeats}")
+    console.print(
+        f"{source.name}: {model.num_parameters() / 1e6:.1f}M parameters, float32, "
+        f"{torch.get_num_threads()} threads, medians of {args.repeats}"
+    )
 
     rows = []
     long_prompt = torch.randint(100, vocab, (1, 512), generator=g)
@@ -74,21 +93,9 @@ def main() -> None:
     n = args.new_tokens
     for batch in (int(x) for x in args.batches.split(",")):
         prompts = torch.randint(100, vocab, (batch, 128), generator=g)
-        ids = prompts.tolist()
-        one = SamplingParams(max_new_tokens=1, ignore_eos=True)
-        full = SamplingParams(max_new_tokens=n + 1, ignore_eos=True)
-        mask = torch.ones_like(prompts)
-
-        def ours(params: SamplingParams, ids: list[list[int]] = ids) -> None:
-            gen.generate(ids, params)
-
-        def theirs(k: int, prompts: torch.Tensor = prompts, mask: torch.Tensor = mask) -> None:
-            with torch.inference_mode():
-                ref.generate(prompts, attention_mask=mask, max_new_tokens=k, do_sample=False, pad_token_id=0)
-
-        ours_dt = median_time(lambda: ours(full), args.repeats) - median_time(lambda: ours(one), args.repeats)
-        ref_dt = median_time(lambda: theirs(n + 1), args.repeats) - median_time(lambda: theirs(1), args.repeats)
-        a, b = batch * n / ours_dt, batch * n / ref_dt
+        ours = partial(ours_generate, gen, prompts.tolist())
+        theirs = partial(ref_generate, ref, prompts)
+        a, b = (decode_rate(f, batch, n, args.repeats) for f in (ours, theirs))
         rows.append((f"decode tokens/s, batch {batch}", a, b, a / b))
 
     table = Table(title="graftlm vs transformers (ratio > 1: graftlm faster)")

@@ -92,9 +92,16 @@ def test_unsupported_features_are_named(tiny_dir: Path, tmp_path: Path, change: 
 
 @pytest.mark.parametrize(
     "rope",
-    [{"rope_type": "linear", "factor": 2.0},
-     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 16}],
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ],
 )
 def test_written_rope_scaling_reads_back_in_transformers(tmp_path: Path, rope: dict) -> None:
     src = write_tiny_checkpoint(tmp_path / "src", rope_scaling=rope)
@@ -109,10 +116,18 @@ def test_written_rope_scaling_reads_back_in_transformers(tmp_path: Path, rope: d
 def test_transformers_4_config_layout_is_read() -> None:
     from graftlm.model.config import LlamaConfig
 
-    cfg = LlamaConfig.from_hf_dict({
-        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
-        "rope_scaling": {"type": "linear", "factor": 4.0}, "eos_token_id": [2, 3],
-    })
+    cfg = LlamaConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "rope_theta": 500000.0,
+            "rope_scaling": {"type": "linear", "factor": 4.0},
+            "eos_token_id": [2, 3],
+        }
+    )
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.factor == 4.0
     assert cfg.num_key_value_heads == 2 and cfg.eos_token_id == (2, 3)
