@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.model.config import LlamaConfig
+from graftlm.model.fingerprint import weights_fingerprint
 from graftlm.model.rope import RotaryTable, apply_rotary
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryTable(config)
+        self._fingerprint: str | None = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Keep the rotary tables (plain tensors, not buffers) on the model's device but in float32.
@@ -169,6 +171,12 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
+
+    def fingerprint(self) -> str:
+        """sha256 of the base weights (computed once; adapters record it to name the base they fit)."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self)
+        return self._fingerprint
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

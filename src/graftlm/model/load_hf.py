@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from graftlm.errors import CorruptModelError
+from graftlm.fileio import atomic_dir
 from graftlm.model.config import LlamaConfig
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
@@ -117,21 +114,6 @@ def load_checkpoint(
     tokenizer = Tokenizer.from_dir(path)
     log.debug("loaded %s: %d layers, %.1fM parameters", path, config.num_hidden_layers, model.num_parameters() / 1e6)
     return model, tokenizer
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`, renamed onto it only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(

@@ -1,0 +1,109 @@
+"""LoRA settings (Hu et al., 2021), read from and written as PEFT's `adapter_config.json`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from graftlm.errors import GraftlmError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterError(GraftlmError):
+    """A malformed adapter, or one that does not fit the base model."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+    layers: tuple[int, ...] | None = None  # None: every layer
+    use_rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski, 2023) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al., 2024)
+    # PEFT's per-module overrides: pattern -> rank / alpha, matched against the module path
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise AdapterError(f"LoRA rank must be at least 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise AdapterError(f"unknown LoRA target(s) {unknown or '(none)'}; choose from {', '.join(TARGETS)}")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise AdapterError(f"layer indices must be >= 0, got {self.layers}")
+
+    def targets_module(self, layer: int, target: str) -> bool:
+        return target in self.targets and (self.layers is None or layer in self.layers)
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """The rank and alpha of the module at `path` (e.g. `model.layers.3.self_attn.q_proj`)."""
+        return _pattern(self.rank_pattern, path, self.r), _pattern(self.alpha_pattern, path, self.alpha)
+
+    def scale(self, path: str) -> float:
+        r, alpha = self.rank_alpha(path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- PEFT's adapter_config.json ------------------------------------------------------------
+    def to_peft(self, base_model: str = "") -> dict[str, Any]:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(self.targets),
+            "layers_to_transform": list(self.layers) if self.layers is not None else None,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_peft(cls, d: dict[str, Any]) -> LoraConfig:
+        if d.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"adapter type {d.get('peft_type')!r} is not supported (only LORA)")
+        for key, ok in (("bias", "none"), ("fan_in_fan_out", False)):
+            if d.get(key, ok) != ok:
+                raise AdapterError(f"adapter setting {key}={d[key]!r} is not supported")
+        if d.get("modules_to_save"):
+            raise AdapterError(f"adapters with modules_to_save ({d['modules_to_save']}) are not supported")
+        targets = d.get("target_modules") or []
+        if isinstance(targets, str):  # a PEFT regex: take the projections it names (the weights decide the rest)
+            targets = [t for t in TARGETS if t in targets]
+        layers = d.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        return cls(
+            r=int(d.get("r", 8)),
+            alpha=float(d.get("lora_alpha", 8)),
+            dropout=float(d.get("lora_dropout", 0.0)),
+            targets=tuple(t for t in TARGETS if t in targets),
+            layers=tuple(layers) if layers is not None else None,
+            use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+        )
+
+
+def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    # PEFT's get_pattern_key: the first key that matches the end of the module path
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

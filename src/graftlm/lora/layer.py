@@ -1,0 +1,94 @@
+"""A LoRA layer that wraps any base projection (`nn.Linear` today, palettized layers later).
+
+y = base(x) + s · B A x, with A [r, in], B [out, r], s = alpha / r (or alpha / sqrt(r), rsLoRA).
+DoRA (Liu et al., 2024) rescales each output row: y = m / ‖W + s·BA‖_row · (W x + s · B A x) + bias,
+the norm treated as a constant in the backward pass (section 4.3 of the paper), as PEFT does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The dense [out, in] weight of a base projection (dequantized, for layers that store it packed)."""
+    dense = getattr(base, "dense_weight", None)
+    return dense() if callable(dense) else base.weight
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+    ):
+        super().__init__()
+        w = base_weight(base)
+        out_features, in_features = w.shape
+        self.base = base
+        self.r, self.scale = r, scale
+        # adapters are trained and computed in float32 whatever the base dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=w.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=w.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init: B = 0, so delta = 0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.magnitude: nn.Parameter | None = None
+        if use_dora:
+            self.magnitude = nn.Parameter(self._row_norm().detach().clone())
+
+    @classmethod
+    def from_base(
+        cls, base: nn.Module, r: int, scale: float, dropout: float = 0.0, use_dora: bool = False
+    ) -> LoRALinear:
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return cls(base, r, scale, dropout, use_dora)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A: [out, in], float32."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def _row_norm(self) -> torch.Tensor:
+        return torch.linalg.norm(base_weight(self.base).float() + self.delta_weight(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        xd = self.dropout(x).float()
+        lora = F.linear(F.linear(xd, self.lora_A), self.lora_B) * self.scale
+        if self.magnitude is None:
+            return y + lora.to(y.dtype)
+        g = self.magnitude / self._row_norm().detach()  # [out]
+        if isinstance(self.dropout, nn.Identity):
+            plain = y.float() if self.bias is None else (y - self.bias).float()
+        else:
+            plain = F.linear(xd, base_weight(self.base).float())
+        return y + ((g - 1) * plain + g * lora).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight with the adapter baked in, in the base dtype."""
+        w = base_weight(self.base)
+        merged = w.float() + self.delta_weight()
+        if self.magnitude is not None:
+            merged = merged * (self.magnitude / torch.linalg.norm(merged, dim=1))[:, None]
+        return merged.to(w.dtype)
+
+    def merge(self) -> nn.Linear:
+        """A plain `nn.Linear` equal to this layer (for export; the base layer is left untouched)."""
+        w = self.merged_weight()
+        out = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out

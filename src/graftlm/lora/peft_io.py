@@ -1,0 +1,147 @@
+"""Adapters on disk in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Weights are stored in 16 bits (bf16 by default) and upcast to float32 on load. The base model's
+fingerprint travels in the safetensors metadata, which PEFT, vLLM and LoRAX ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from graftlm.fileio import atomic_dir
+from graftlm.lora.config import TARGETS, AdapterError, LoraConfig
+from graftlm.lora.layer import base_weight
+from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state, module_path, parent
+from graftlm.model.llama import Llama
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FINGERPRINT_KEY = "graftlm.base_fingerprint"
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_KEY = re.compile(
+    rf"^{re.escape(PEFT_PREFIX)}model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
+
+
+@dataclass
+class Adapter:
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]  # PEFT key -> float32 tensor
+    base_fingerprint: str | None
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "<in memory>"
+
+    def modules(self) -> set[str]:
+        return {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in self.tensors}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def save_adapter(
+    path: Path,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    base_fingerprint: str,
+    dtype: str = "bfloat16",
+    base_model: str = "",
+) -> None:
+    """Write an adapter folder atomically (a failed write leaves any previous version in place)."""
+    if dtype not in STORAGE_DTYPES:
+        raise AdapterError(f"adapter storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    stored = {k: v.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_peft(base_model), indent=2))
+        save_file(stored, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", FINGERPRINT_KEY: base_fingerprint})
+
+
+def read_adapter(path: Path) -> Adapter:
+    """Read and check an adapter folder's own consistency (fit to a base is `check_fits`)."""
+    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise AdapterError(f"adapter {path} is missing {f.name}")
+    try:
+        config = LoraConfig.from_peft(json.loads(cfg_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise AdapterError(f"adapter {path}: cannot read {CONFIG_FILE}: {e}") from e
+    try:
+        with safe_open(str(weights_file), framework="pt") as st:
+            meta: dict[str, Any] = st.metadata() or {}
+            tensors = {k: st.get_tensor(k).float() for k in st.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {e}") from e
+    adapter = Adapter(config, tensors, meta.get(FINGERPRINT_KEY), path)
+    _check_keys(adapter)
+    return adapter
+
+
+def _check_keys(adapter: Adapter) -> None:
+    if not adapter.tensors:
+        raise AdapterError(f"adapter {adapter.name} has no weights")
+    kinds: dict[str, set[str]] = {}
+    for key in adapter.tensors:
+        m = _KEY.match(key)
+        if m is None or m.group(3) not in TARGETS:
+            raise AdapterError(f"adapter {adapter.name}: unexpected tensor {key!r}")
+        kinds.setdefault(module_path(int(m.group(1)), m.group(3)), set()).add(m.group(4))
+    for path, have in kinds.items():
+        if not {"lora_A.weight", "lora_B.weight"} <= have:
+            raise AdapterError(f"adapter {adapter.name}: {path} lacks lora_A or lora_B")
+        if adapter.config.use_dora != ("lora_magnitude_vector" in have):
+            raise AdapterError(f"adapter {adapter.name}: {path} DoRA magnitude does not match use_dora")
+
+
+def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
+    """Refuse an adapter trained on another base model, or whose shapes do not fit this one."""
+    if adapter.base_fingerprint is None:
+        log.warning("adapter %s does not record its base model; assuming it fits", adapter.name)
+    elif adapter.base_fingerprint != model.fingerprint():
+        msg = (
+            f"adapter {adapter.name} was trained on base model {adapter.base_fingerprint[:12]}, "
+            f"not on this one ({model.fingerprint()[:12]})"
+        )
+        if not force:
+            raise AdapterError(msg + "; pass force to load it anyway")
+        log.warning("%s; loading anyway (forced)", msg)
+    c = model.config
+    for key, t in adapter.tensors.items():
+        m = _KEY.match(key)
+        assert m is not None  # checked by read_adapter
+        layer, target, kind = int(m.group(1)), m.group(3), m.group(4)
+        if layer >= c.num_hidden_layers:
+            raise AdapterError(
+                f"adapter {adapter.name}: {key} is for layer {layer}, the base has {c.num_hidden_layers} layers"
+            )
+        out_f, in_f = _proj_shape(model, layer, target)
+        r, _ = adapter.config.rank_alpha(module_path(layer, target))
+        want = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r), "lora_magnitude_vector": (out_f,)}[kind]
+        if tuple(t.shape) != want:
+            raise AdapterError(f"adapter {adapter.name}: {key} has shape {tuple(t.shape)}, this base needs {want}")
+
+
+def _proj_shape(model: Llama, layer: int, target: str) -> tuple[int, int]:
+    proj = getattr(parent(model, layer, target), target)
+    return tuple(base_weight(getattr(proj, "base", proj)).shape)  # type: ignore[return-value]
+
+
+def apply_adapter(model: Llama, adapter: Adapter, force: bool = False) -> None:
+    """Attach `adapter` to the model as LoRA layers (for training on, merging, or single-adapter use)."""
+    check_fits(adapter, model, force)
+    add_lora(model, adapter.config, only=adapter.modules())
+    load_lora_state(model, adapter.tensors)
