@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.lora.batched import AdapterBatch, MultiLoRALinear
 from graftlm.model.config import LlamaConfig
 from graftlm.model.fingerprint import weights_fingerprint
 from graftlm.model.rope import RotaryTable, apply_rotary
@@ -46,16 +47,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, s, _ = x.shape  # x: [B, S, hidden]
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, S, D]
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q = ctx.project(self.q_proj, x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = ctx.project(self.k_proj, x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, S, D]
+        v = ctx.project(self.v_proj, x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, ctx.start, k, v)  # [B, KV, start+S, D]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        return ctx.project(self.o_proj, out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -68,8 +69,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        gate, up = ctx.project(self.gate_proj, x), ctx.project(self.up_proj, x)
+        return ctx.project(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -82,7 +84,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 class ForwardContext:
@@ -96,10 +98,18 @@ class ForwardContext:
         start: int,
         mask: torch.Tensor | None,
         is_causal: bool,
+        adapters: AdapterBatch | None = None,
     ):
         self.cos, self.sin = cos, sin  # [B, 1, S, D]
         self.cache, self.start = cache, start
         self.mask, self.is_causal = mask, is_causal  # mask: [B, 1, S, start+S] bool, True = attend
+        self.adapters = adapters  # which adapter slot each row uses
+
+    def project(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Apply a projection; multi-adapter projections also get the rows' adapter choice."""
+        if self.adapters is not None and isinstance(proj, MultiLoRALinear):
+            return proj(x, self.adapters)
+        return proj(x)
 
 
 def attention_mask(
@@ -153,10 +163,12 @@ class Llama(nn.Module):
         start: int = 0,
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
+        adapters: AdapterBatch | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] at cache offset `start`: [B, S, V], or [B, 1, V] with `last_only`.
 
-        positions: [B, S] rotary positions (default start..start+S-1); key_valid: [B, start+S] bool.
+        positions: [B, S] rotary positions (default start..start+S-1); key_valid: [B, start+S] bool;
+        adapters: the adapter slot of each row (see `graftlm.lora.slots`).
         """
         b, s = tokens.shape
         if positions is None:
@@ -164,7 +176,9 @@ class Llama(nn.Module):
         cos, sin = self.rotary.lookup(positions)
         mask, is_causal = attention_mask(key_valid, start, s, tokens.device)
         dtype = self.embed_tokens.weight.dtype
-        ctx = ForwardContext(cos.to(dtype), sin.to(dtype), cache, start, mask, is_causal)
+        if adapters is not None and not adapters.any:
+            adapters = None
+        ctx = ForwardContext(cos.to(dtype), sin.to(dtype), cache, start, mask, is_causal, adapters)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, ctx)

@@ -1,0 +1,89 @@
+"""A batch where every row has its own adapter equals each row alone on its merged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from graftlm.lora.batched import AdapterBatch
+from graftlm.lora.config import AdapterError
+from graftlm.lora.model import merge_lora
+from graftlm.lora.peft_io import apply_adapter
+from graftlm.lora.slots import AdapterSlots
+from graftlm.model.load_hf import load_checkpoint
+from tests.lora.helpers import EIGHT, random_adapter
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir: Path) -> list:
+    return [random_adapter(tiny_dir, c, seed=i) for i, c in enumerate(EIGHT)]
+
+
+def _merged_logits(tiny_dir: Path, adapter, tokens: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    model, _ = load_checkpoint(tiny_dir)
+    if adapter is not None:
+        apply_adapter(model, adapter)
+        merge_lora(model)
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gather", "grouped", "reference"])
+def test_mixed_batch_equals_each_row_merged(tiny_dir: Path, adapters: list, strategy: str) -> None:
+    model, _ = load_checkpoint(tiny_dir)
+    slots = AdapterSlots(model, n_slots=8, r_max=16)
+    for i, a in enumerate(adapters):
+        slots.load(7 - i, a)  # slot order differs from adapter order
+    # ten rows: the eight adapters (one twice), two base rows; all lengths differ
+    row_adapter = [0, 1, None, 2, 3, 4, 5, None, 6, 7, 3]
+    g = torch.Generator().manual_seed(0)
+    lengths = [5 + 3 * i for i in range(len(row_adapter))]
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    width = max(lengths)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p) :] = torch.tensor(p)
+        valid[i, width - len(p) :] = True
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    batch = AdapterBatch.of([-1 if a is None else 7 - a for a in row_adapter], strategy)
+    with torch.no_grad():
+        got = model(tokens, positions, key_valid=valid, adapters=batch)
+    for i, (a, p) in enumerate(zip(row_adapter, prompts, strict=True)):
+        want = _merged_logits(tiny_dir, None if a is None else adapters[a], p)
+        diff = (got[i, width - len(p) :] - want).abs().max()
+        assert float(diff) <= 1e-4, (i, a, float(diff))
+
+
+def test_adapters_change_their_rows_only(tiny_dir: Path, adapters: list) -> None:
+    model, _ = load_checkpoint(tiny_dir)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(tokens)
+        slots = AdapterSlots(model, n_slots=2)
+        slots.load(1, adapters[0])
+        out = model(tokens, adapters=AdapterBatch.of([-1, 1, -1]))
+        assert torch.allclose(out[0], base[0], atol=1e-5) and torch.allclose(out[2], base[2], atol=1e-5)
+        assert float((out[1] - base[1]).abs().max()) > 1e-2
+        slots.clear(1)
+        assert torch.allclose(model(tokens, adapters=AdapterBatch.of([-1, 1, -1])), base, atol=1e-5)
+
+
+def test_rank_above_slot_maximum_is_refused(tiny_dir: Path, adapters: list) -> None:
+    model, _ = load_checkpoint(tiny_dir)
+    slots = AdapterSlots(model, n_slots=1, r_max=8)
+    with pytest.raises(AdapterError, match="rank 16"):
+        slots.load(0, adapters[0])
+
+
+def test_adapter_for_another_base_is_refused(tiny_dir: Path, tmp_path: Path, adapters: list) -> None:
+    from tests.conftest import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other", seed=5)
+    model, _ = load_checkpoint(other)
+    slots = AdapterSlots(model, n_slots=1)
+    with pytest.raises(AdapterError, match="trained on base model"):
+        slots.load(0, adapters[0])
+    slots.load(0, adapters[0], force=True)  # the shapes fit, so forcing works
