@@ -101,3 +101,64 @@ def test_chat_drops_the_oldest_turns_to_fit(tiny_dir: Path) -> None:
     assert len(messages) < 14
     with pytest.raises(GraftlmError, match="leaves no room"):
         fit(gen, [{"role": "user", "content": turn * 20}], room=32)
+
+
+def test_train_writes_a_peft_adapter_with_its_record(tiny_dir: Path, tmp_path: Path) -> None:
+    from graftlm.lora.peft_io import read_adapter
+    from graftlm.model.load_hf import load_checkpoint
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]})
+            + "\n"
+            for w in ["apple", "sky", "grass", "night"] * 3
+        )
+    )
+    out = tmp_path / "adapters" / "say"
+    args = [
+        "train",
+        "-m",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--valid",
+        str(data),
+        "--out",
+        str(out),
+        "--rank",
+        "4",
+        "--targets",
+        "q_proj,v_proj",
+        "--layers",
+        "1",
+        "--epochs",
+        "4",
+        "--batch",
+        "4",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "1",
+    ]
+    assert main(args) == 0
+    record = json.loads((out / "training.json").read_text())
+    model, _ = load_checkpoint(tiny_dir)
+    assert record["base_model"]["fingerprint"] == model.fingerprint()
+    from graftlm.train.data import load_examples
+    from graftlm.train.trainer import evaluate_loss
+
+    base_loss = evaluate_loss(model, load_examples(data, load_checkpoint(tiny_dir)[1], 512), 4, 0)
+    assert record["metrics"]["steps"] == 12 and record["metrics"]["valid_loss"] < base_loss
+    assert len(record["data"]["train"]["sha256"]) == 64
+    adapter = read_adapter(out)
+    assert adapter.modules() == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    assert not (tmp_path / "adapters" / ".say.checkpoint").exists()  # removed once the adapter is written
+
+
+def test_train_reports_a_bad_line(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert main(["train", "-m", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "a")]) == 2
+    assert "train.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

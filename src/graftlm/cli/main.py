@@ -10,12 +10,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from graftlm import __version__
-from graftlm.cli import chat, demo, generate, info
+from graftlm.cli import chat, demo, generate, info, train
 from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
 
-COMMANDS = (generate, chat, info, demo)
+COMMANDS = (generate, chat, train, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (GraftlmError, ValueError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

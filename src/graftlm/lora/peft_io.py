@@ -60,14 +60,20 @@ def save_adapter(
     base_fingerprint: str,
     dtype: str = "bfloat16",
     base_model: str = "",
+    extra_files: dict[str, str] | None = None,
 ) -> None:
-    """Write an adapter folder atomically (a failed write leaves any previous version in place)."""
+    """Write an adapter folder atomically (a failed write leaves any previous version in place).
+
+    extra_files: more text files for the folder (the training record), written in the same swap.
+    """
     if dtype not in STORAGE_DTYPES:
         raise AdapterError(f"adapter storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     stored = {k: v.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_peft(base_model), indent=2))
         save_file(stored, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", FINGERPRINT_KEY: base_fingerprint})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
 
 def read_adapter(path: Path) -> Adapter:

@@ -170,6 +170,19 @@ class Llama(nn.Module):
         positions: [B, S] rotary positions (default start..start+S-1); key_valid: [B, start+S] bool;
         adapters: the adapter slot of each row (see `graftlm.lora.slots`).
         """
+        h = self.hidden(tokens, positions, cache, start, key_valid, adapters)
+        return self.logits(h[:, -1:] if last_only else h)
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        key_valid: torch.Tensor | None = None,
+        adapters: AdapterBatch | None = None,
+    ) -> torch.Tensor:
+        """The last decoder layer's output [B, S, hidden], before the final norm (see `forward`)."""
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
@@ -182,9 +195,11 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, ctx)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., V] from hidden states [..., hidden] (so training can pick positions first)."""
+        return self.lm_head(self.norm(h)).float()
 
     def fingerprint(self) -> str:
         """sha256 of the base weights (computed once; adapters record it to name the base they fit)."""

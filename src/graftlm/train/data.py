@@ -1,0 +1,167 @@
+"""Training data from JSONL: chat `messages` (OpenAI fine-tuning format), `prompt`/`completion`, or `text`.
+
+Each line becomes token ids plus a target mask: loss is taken on assistant / completion tokens only
+(on every token for `text`). Problems are reported with the file and line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graftlm.errors import GraftlmError
+from graftlm.model.tokenizer import Message, Tokenizer
+
+ON_LONG = ("truncate", "reject")
+
+
+class DataError(GraftlmError):
+    """A training or evaluation file with a bad line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]
+    targets: tuple[bool, ...]  # targets[i]: is ids[i] predicted (and scored)?
+    source: str  # "file:line"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(self.targets)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; a malformed line is a `DataError` naming it."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
+def _chat_example(tok: Tokenizer, messages: list[Message], where: str) -> tuple[list[int], list[bool]]:
+    """Tokens of the rendered chat; targets on each assistant message (unless it has weight 0)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for m in messages:
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(f"{where}: each message needs a role (system, user, assistant) and string content")
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    ids: list[int] = []
+    targets: list[bool] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.encode_chat(clean[:i], add_generation_prompt=True)
+        after = tok.encode_chat(clean[: i + 1], add_generation_prompt=False)
+        if after[: len(before)] != before or before[: len(ids)] != ids:
+            raise DataError(f"{where}: the chat template does not render this conversation as a growing prefix")
+        targets += [False] * (len(before) - len(ids)) + [m.get("weight", 1) != 0] * (len(after) - len(before))
+        ids = after
+    return ids, targets
+
+
+def encode_example(obj: dict[str, Any], tok: Tokenizer, where: str, use_chat: bool) -> tuple[list[int], list[bool]]:
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    if "messages" in obj:
+        if not tok.chat_template:
+            raise DataError(f"{where}: chat 'messages' need a model with a chat template")
+        return _chat_example(tok, obj["messages"], where)
+    if "prompt" in obj and "completion" in obj:
+        prompt, completion = obj["prompt"], obj["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{where}: 'prompt' and 'completion' must be strings")
+        if use_chat and tok.chat_template:
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return _chat_example(tok, msgs, where)
+        p, c = tok.encode(prompt), tok.encode(completion, add_special=False) + eos
+        return p + c, [False] * len(p) + [True] * len(c)
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise DataError(f"{where}: 'text' must be a string")
+        ids = tok.encode(obj["text"]) + eos
+        return ids, [True] * len(ids)
+    raise DataError(f"{where}: a line needs 'messages', 'prompt' and 'completion', or 'text' (got {sorted(obj)})")
+
+
+def load_examples(
+    path: Path, tok: Tokenizer, max_length: int, on_long: str = "truncate", use_chat: bool = True
+) -> list[Example]:
+    """Tokenize a JSONL file. Too-long examples are cut to `max_length` or rejected, as chosen."""
+    if on_long not in ON_LONG:
+        raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
+    out = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        ids, targets = encode_example(obj, tok, where, use_chat)
+        if len(ids) > max_length:
+            if on_long == "reject":
+                raise DataError(f"{where}: example has {len(ids)} tokens, more than max length {max_length}")
+            ids, targets = ids[:max_length], targets[:max_length]
+        # position 0 is never predicted: nothing comes before it
+        targets[0:1] = [False] * min(1, len(targets))
+        if not any(targets):
+            why = " after truncation to the max length" if len(ids) == max_length else ""
+            raise DataError(f"{where}: example has no completion tokens to learn from{why}")
+        out.append(Example(tuple(ids), tuple(targets), where))
+    if not out:
+        raise DataError(f"{path} has no examples")
+    return out
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, S] right-padded
+    targets: torch.Tensor  # [B, S] bool: predict tokens[b, s] from the prefix before it
+    n_tokens: int  # real (unpadded) tokens
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    width = max(len(e) for e in examples)
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        tokens[i, : len(e)] = torch.tensor(e.ids)
+        targets[i, : len(e)] = torch.tensor(e.targets)
+    return Batch(tokens, targets, sum(len(e) for e in examples))
+
+
+def bucketed_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
+    """Batches of similar length (little padding), in a shuffled order that depends on seed and epoch."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    # sort within windows of 50 batches: lengths alike inside a batch, order still random across them
+    window = batch_size * 50
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: len(examples[i]))
+        batches += [[examples[i] for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

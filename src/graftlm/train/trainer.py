@@ -1,0 +1,183 @@
+"""The SFT loop for LoRA adapters: AdamW, linear warmup then cosine decay, gradient accumulation,
+validation on a schedule, checkpoints with exact resume, and a progress bar."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from graftlm.lora.config import LoraConfig
+from graftlm.lora.model import add_lora, lora_layers
+from graftlm.model.llama import Llama
+from graftlm.train import checkpoint
+from graftlm.train.data import Example, bucketed_batches, collate
+from graftlm.train.losses import completion_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup: float = 0.05  # fraction of optimizer steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50  # optimizer steps between validations (0: only at the end)
+    save_every: int = 100  # optimizer steps between checkpoints (0: never)
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+
+
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id: int) -> float:
+    """Mean cross-entropy per target token."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=len)
+    for i in range(0, len(ordered), batch_size):
+        loss, n = completion_loss(model, collate(ordered[i : i + batch_size], pad_id))
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    valid_loss: float | None
+    tokens: int
+    seconds: float
+    history: list[dict[str, float]]
+
+
+class Trainer:
+    def __init__(
+        self, model: Llama, lora: LoraConfig, config: TrainConfig, pad_id: int, checkpoint_dir: Path | None = None
+    ):
+        self.model, self.lora, self.config, self.pad_id = model, lora, config, pad_id
+        self.checkpoint_dir = checkpoint_dir
+        torch.manual_seed(config.seed)  # LoRA init and dropout: same seed, same adapter
+        add_lora(model, lora)
+        self.params = {
+            f"{path}.{name}": p
+            for path, layer in lora_layers(model)
+            for name, p in layer.named_parameters()
+            if not name.startswith("base.")
+        }
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def run(
+        self,
+        train: list[Example],
+        valid: list[Example] | None = None,
+        resume: bool = False,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> TrainResult:
+        c = self.config
+        per_epoch = math.ceil(len(bucketed_batches(train, c.batch_size, c.seed, 0)) / c.grad_accum)
+        total = per_epoch * c.epochs if not c.max_steps else min(c.max_steps, per_epoch * c.epochs)
+        warmup_steps = max(1, int(c.warmup * total))
+        state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}
+        if resume and self.checkpoint_dir is not None:
+            state = checkpoint.load_checkpoint(self.checkpoint_dir, self.params, self.optimizer)
+            log.info("resuming at step %d of %d", state["step"], total)
+        self.model.train()
+        t0 = time.perf_counter() - state["seconds"]
+        last_loss = float("nan")
+        with _progress() as bar:
+            task = bar.add_task("training", total=total, completed=state["step"], loss="-", tps="-")
+            for step, micro in self._steps(train, state["step"], total):
+                for g in self.optimizer.param_groups:
+                    g["lr"] = c.lr * lr_factor(step, total, warmup_steps)
+                n_targets = sum(int(b.targets[:, 1:].sum()) for b in micro)
+                loss_sum = 0.0
+                for b in micro:
+                    loss, _ = completion_loss(self.model, b)
+                    (loss / n_targets).backward()
+                    loss_sum += float(loss)
+                    state["tokens"] += b.n_tokens
+                torch.nn.utils.clip_grad_norm_(self.params.values(), c.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                last_loss = loss_sum / n_targets
+                state["step"] = step + 1
+                state["seconds"] = time.perf_counter() - t0
+                tps = state["tokens"] / state["seconds"]
+                bar.update(task, completed=state["step"], loss=f"{last_loss:.3f}", tps=f"{tps:.0f}")
+                record = {"step": state["step"], "loss": last_loss, "lr": c.lr * lr_factor(step, total, warmup_steps)}
+                if valid and c.eval_every and state["step"] % c.eval_every == 0 and state["step"] < total:
+                    record["valid_loss"] = evaluate_loss(self.model, valid, c.batch_size, self.pad_id)
+                    log.info(
+                        "step %d: train loss %.4f, valid loss %.4f", state["step"], last_loss, record["valid_loss"]
+                    )
+                state["history"].append(record)
+                if self.checkpoint_dir is not None and c.save_every and state["step"] % c.save_every == 0:
+                    checkpoint.save_checkpoint(self.checkpoint_dir, self.params, self.optimizer, state)
+                if on_step is not None:
+                    on_step(state["step"], last_loss)
+        valid_loss = evaluate_loss(self.model, valid, c.batch_size, self.pad_id) if valid else None
+        self.model.eval()
+        return TrainResult(
+            state["step"], last_loss, valid_loss, state["tokens"], time.perf_counter() - t0, state["history"]
+        )
+
+    def _steps(self, train: list[Example], start: int, total: int):  # type: ignore[no-untyped-def]
+        """(optimizer step, its micro-batches) from `start` on; the order depends only on the seed."""
+        c = self.config
+        step = 0
+        for epoch in range(c.epochs):
+            batches = bucketed_batches(train, c.batch_size, c.seed, epoch)
+            for i in range(0, len(batches), c.grad_accum):
+                if step >= total:
+                    return
+                if step >= start:
+                    yield step, [collate(b, self.pad_id) for b in batches[i : i + c.grad_accum]]
+                step += 1
+
+    def config_record(self) -> dict[str, Any]:
+        return {"train": asdict(self.config), "lora": self.lora.to_peft()}
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
