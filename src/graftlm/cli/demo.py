@@ -1,17 +1,28 @@
-"""`graftlm demo`: load the default model and answer a few prompts, with tokens/s."""
+"""`graftlm demo`: the default model answering prompts, then an example task adapter against the base."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
+from graftlm.eval.runner import Task, evaluate
+from graftlm.lora.config import LoraConfig
+from graftlm.lora.merge import load_merged
 from graftlm.model import catalog
+from graftlm.train.data import file_sha256
+from graftlm.train.sft import RECORD_FILE, DataSpec, train_adapter
+from graftlm.train.trainer import TrainConfig
 
 console = Console(highlight=False)
+log = logging.getLogger(__name__)
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -23,33 +34,38 @@ PROMPTS = [
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="answer a few prompts with the default model",
+        help="the default model, then a task adapter against the base",
         description=(
-            "Load the embedded default model (converting its GGUF on first use), answer a few prompts one "
-            "at a time with streaming, then all at once as a batch, printing tokens/s."
+            "Load the embedded default model (converting its GGUF on first use) and answer a few prompts, "
+            "printing tokens/s. Then train an example task adapter (or reuse it when its data and base model "
+            "are unchanged) and score base and adapter side by side on the task's test split."
         ),
     )
     p.add_argument("-m", "--model", default=catalog.DEFAULT_MODEL, help="model to demo")
     p.add_argument("-n", "--max-tokens", type=int, default=64, help="most new tokens per answer")
+    p.add_argument("--task", default="summarize", help="example task under --examples (default: summarize)")
+    p.add_argument("--examples", type=Path, default=Path("examples"), help="example tasks folder")
+    p.add_argument("--adapters", type=Path, default=Path("adapters"), help="where trained adapters go")
+    p.add_argument("--limit", type=int, default=48, help="test examples to score (default: 48)")
+    p.add_argument("--no-adapter", action="store_true", help="only the base model part")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def base_part(model_name: str, max_tokens: int) -> None:
     t0 = time.perf_counter()
-    model, tok, source = catalog.load(args.model)
+    model, tok, source = catalog.load(model_name)
     console.print(
         f"[bold]{source.name}[/]: {model.num_parameters() / 1e6:.1f}M parameters, "
         f"loaded in {time.perf_counter() - t0:.1f} s from {source.origin}"
     )
     gen = Generator(model, tok)
-    params = SamplingParams(max_new_tokens=args.max_tokens)
+    params = SamplingParams(max_new_tokens=max_tokens)
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in PROMPTS]
     for question, prompt in zip(PROMPTS, prompts, strict=True):
         console.print(f"\n[bold green]> {question}[/]")
         count, t1 = 0, time.perf_counter()
-        for ev in gen.steps([prompt], params):
+        for count, ev in enumerate(gen.steps([prompt], params), 1):  # noqa: B007 (count is used after)
             console.print(ev.delta, end="", markup=False)
-            count += 1
         dt = time.perf_counter() - t1
         console.print(f"\n[dim]{count} tokens, {count / dt:.1f} tokens/s (prompt {len(prompt)} tokens)[/]")
     t1 = time.perf_counter()
@@ -57,4 +73,54 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t1
     total = sum(len(o.token_ids) for o in outs)
     console.print(f"\n[bold]batch of {len(prompts)}:[/] {total} tokens in {dt:.1f} s, {total / dt:.1f} tokens/s")
+
+
+def ensure_adapter(model_name: str, task_dir: Path, task: Task, out: Path) -> None:
+    """Train the task's adapter unless one trained on the same data and base model is already there."""
+    train_file = task_dir / "train.jsonl"
+    record = out / RECORD_FILE
+    if record.is_file():
+        r = json.loads(record.read_text())
+        same_data = r["data"]["train"]["sha256"] == file_sha256(train_file)
+        model, _, _ = catalog.load(model_name)
+        if same_data and r["base_model"]["fingerprint"] == model.fingerprint():
+            console.print(f"reusing {out} (trained in {r['metrics']['seconds']:.0f} s on unchanged data)")
+            return
+    console.print(f"training {out} on {train_file} (about 6 minutes on 2 cores)")
+    train_adapter(
+        model_name, DataSpec(train_file, task_dir / "valid.jsonl"), out, LoraConfig(), TrainConfig(**task.train)
+    )  # type: ignore[arg-type]
+
+
+def adapter_part(model_name: str, task_dir: Path, out: Path, limit: int) -> None:
+    test = task_dir / "test.jsonl"
+    task = Task.beside(test)
+    if task is None:
+        console.print(f"[yellow]no example task at {task_dir}; skipping the adapter part[/]")
+        return
+    console.rule(f"task adapter: {task.name}")
+    ensure_adapter(model_name, task_dir, task, out)
+    results = {}
+    for label, adapter in (("base", None), ("adapter", out)):
+        model, tok, _ = load_merged(model_name, adapter)
+        results[label] = evaluate(Generator(model, tok), test, task, limit=limit, label=f"scoring {label}")
+    for (b_pred, ref, b_s), (a_pred, _, a_s) in list(
+        zip(results["base"].predictions, results["adapter"].predictions, strict=True)
+    )[:3]:
+        console.print(
+            f"\n[dim]reference[/]  {ref}\n[dim]base ({b_s:.2f})[/] {b_pred}\n[bold]adapter ({a_s:.2f})[/] {a_pred}",
+            markup=True,
+        )
+    table = Table(title=f"{task.name} on {limit} test examples")
+    for col in ("model", task.metric, "seconds"):
+        table.add_column(col)
+    for label, r in results.items():
+        table.add_row(label, f"{r.score:.3f}", f"{r.seconds:.0f}")
+    console.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    base_part(args.model, args.max_tokens)
+    if not args.no_adapter:
+        adapter_part(args.model, args.examples / args.task, args.adapters / args.task, args.limit)
     return 0

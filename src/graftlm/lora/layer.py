@@ -65,7 +65,12 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         xd = self.dropout(x).float()
-        lora = F.linear(F.linear(xd, self.lora_A), self.lora_B) * self.scale
+        h = F.linear(xd, self.lora_A)  # [..., r]
+        if self.magnitude is None and y.dtype == torch.float32:
+            # y + s·h Bᵀ as one GEMM that accumulates into y: no separate scale and add passes
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scale)
+            return out.view(y.shape)
+        lora = F.linear(h, self.lora_B) * self.scale
         if self.magnitude is None:
             return y + lora.to(y.dtype)
         g = self.magnitude / self._row_norm().detach()  # [out]

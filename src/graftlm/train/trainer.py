@@ -126,7 +126,7 @@ class Trainer:
                 for b in micro:
                     loss, _ = completion_loss(self.model, b)
                     (loss / n_targets).backward()
-                    loss_sum += float(loss)
+                    loss_sum += float(loss.detach())
                     state["tokens"] += b.n_tokens
                 torch.nn.utils.clip_grad_norm_(self.params.values(), c.grad_clip)
                 self.optimizer.step()
