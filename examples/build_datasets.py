@@ -57,7 +57,7 @@ CHANGELOG_PACKAGES = [
     "tzdata",
     "util-linux",
 ]
-SIZES = {"summarize": (1200, 100, 200), "proofread": (1600, 100, 200), "extract": (900, 60, 150)}
+SIZES = {"summarize": (1200, 100, 200), "proofread": (1600, 100, 200), "extract": (600, 60, 150)}
 INSTRUCTIONS = {
     "summarize": "Summarize this description in one short line.",
     "proofread": "Fix the spelling mistakes in this sentence. Reply with the corrected sentence only.",
