@@ -27,13 +27,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h, dtype=torch.float32) if h.requires_grad else None
         w = weight.float()
+        # one logits buffer for every chunk: large fresh allocations cost page faults on the CPU
+        buf = torch.empty(min(CHUNK_ROWS, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], CHUNK_ROWS):
             hc, yc = h[i : i + CHUNK_ROWS].float(), labels[i : i + CHUNK_ROWS]
-            logits = hc @ w.t()  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            logits = torch.mm(hc, w.t(), out=buf[: len(yc)])  # [n, V]
+            picked = logits.gather(1, yc[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: unnormalised softmax
+            mass = probs.sum(dim=-1, keepdim=True)
+            total += (top.squeeze(1) + mass.squeeze(1).log() - picked).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs.div_(mass)
                 probs[torch.arange(len(yc)), yc] -= 1.0
                 grad[i : i + CHUNK_ROWS] = probs @ w
         ctx.save_for_backward(grad)
