@@ -85,6 +85,19 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, **overrides: object) -> Pat
     return path
 
 
+def hf_greedy(ref: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`, `n` tokens, through EOS (as `ignore_eos` does)."""
+    ref.generation_config.eos_token_id = None
+    out = ref.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))

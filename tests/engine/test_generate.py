@@ -12,6 +12,7 @@ from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import PromptTooLongError
 from graftlm.model.load_hf import load_checkpoint
+from tests.conftest import hf_greedy
 
 PROMPTS = [
     "The quick brown fox",
@@ -34,17 +35,9 @@ def _ids(gen: Generator) -> list[list[int]]:
 
 def test_greedy_matches_transformers(gen: Generator, tiny_dir: Path) -> None:
     ref = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    ref.generation_config.eos_token_id = None
     for p in _ids(gen)[:3]:
         ours = gen.generate([p], SamplingParams(max_new_tokens=32, ignore_eos=True))[0]
-        want = ref.generate(
-            torch.tensor([p]),
-            max_new_tokens=32,
-            do_sample=False,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-        )
-        assert ours.token_ids == want[0, len(p) :].tolist()
+        assert ours.token_ids == hf_greedy(ref, p, 32)
 
 
 def test_batched_equals_each_prompt_alone(gen: Generator) -> None:

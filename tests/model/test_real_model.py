@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.model import catalog
+from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +41,8 @@ def test_greedy_tokens_equal_transformers(real) -> None:  # type: ignore[no-unty
     gen = Generator(model, tok)
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     ours = gen.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
-    ref.generation_config.eos_token_id = None  # run all 32 steps, through EOS, as ignore_eos does
     for p, o in zip(prompts, ours, strict=True):
-        out = ref.generate(
-            torch.tensor([p]),
-            max_new_tokens=32,
-            do_sample=False,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-        )
-        assert o.token_ids == out[0, len(p) :].tolist()
+        assert o.token_ids == hf_greedy(ref, p, 32)
 
 
 def test_gguf_weights_equal_transformers_gguf_loader(real) -> None:  # type: ignore[no-untyped-def]

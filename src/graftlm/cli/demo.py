@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.cli.options import add_model
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.eval.runner import Task, evaluate
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "are unchanged) and score base and adapter side by side on the task's test split."
         ),
     )
-    p.add_argument("-m", "--model", default=catalog.DEFAULT_MODEL, help="model to demo")
+    add_model(p, runtime=False)
     p.add_argument("-n", "--max-tokens", type=int, default=64, help="most new tokens per answer")
     p.add_argument("--task", default="summarize", help="example task under --examples (default: summarize)")
     p.add_argument("--examples", type=Path, default=Path("examples"), help="example tasks folder")

@@ -8,12 +8,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.cli.options import add_model
 from graftlm.engine.generate import Generator
 from graftlm.errors import GraftlmError
 from graftlm.eval.metrics import METRICS
 from graftlm.eval.runner import Task, evaluate
 from graftlm.lora.merge import load_merged
-from graftlm.model.catalog import DEFAULT_MODEL
 
 console = Console(highlight=False)
 
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="test JSONL file")
     p.add_argument("--adapter", type=Path, default=None, help="adapter folder to score beside the base model")
     p.add_argument("--no-base", action="store_true", help="score only the adapter")
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    add_model(p, runtime=False)
     p.add_argument("--metric", choices=sorted(METRICS), default=None, help="task metric (default: task.json)")
     p.add_argument("-n", "--max-tokens", type=int, default=None, help="answer length (default: task.json or 64)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N lines")

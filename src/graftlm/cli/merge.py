@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from graftlm.cli.options import add_model
 from graftlm.lora.merge import write_merged
-from graftlm.model.catalog import DEFAULT_MODEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--adapter", type=Path, required=True, help="adapter folder (PEFT format)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    add_model(p, runtime=False)
     p.add_argument("--force", action="store_true", help="merge an adapter trained on another base model")
     p.set_defaults(run=run)
 

@@ -12,13 +12,17 @@ from graftlm.model.catalog import CATALOG, DEFAULT_MODEL
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model(p: argparse.ArgumentParser) -> None:
+def add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    """`-m/--model`, and with `runtime` the dtype and device to run it in."""
     p.add_argument(
         "-m",
         "--model",
         default=DEFAULT_MODEL,
-        help=f"catalog name ({', '.join(CATALOG)}), checkpoint directory or .gguf file (default: {DEFAULT_MODEL})",
+        help=f"base model: catalog name ({', '.join(CATALOG)}), checkpoint directory or .gguf file "
+        f"(default: {DEFAULT_MODEL})",
     )
+    if not runtime:
+        return
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
     p.add_argument(
         "--device",

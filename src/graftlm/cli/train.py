@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from graftlm.cli.options import add_model
 from graftlm.lora.config import TARGETS, LoraConfig
-from graftlm.model.catalog import DEFAULT_MODEL
 from graftlm.train.sft import DataSpec, train_adapter
 from graftlm.train.trainer import TrainConfig
 
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="training JSONL file")
     p.add_argument("--valid", type=Path, default=None, help="validation JSONL file")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. adapters/NAME)")
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    add_model(p, runtime=False)
     g = p.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
