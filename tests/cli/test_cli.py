@@ -162,3 +162,26 @@ def test_train_reports_a_bad_line(tiny_dir: Path, tmp_path: Path, capsys: pytest
     assert main(["train", "-m", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "a")]) == 2
     assert "train.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_generate_with_an_adapter_answers_as_the_merged_model(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from graftlm.engine.generate import Generator
+    from graftlm.engine.sampling import SamplingParams
+    from graftlm.lora.config import LoraConfig
+    from graftlm.lora.merge import load_merged
+    from graftlm.lora.peft_io import save_adapter
+    from tests.lora.helpers import random_adapter
+
+    a = random_adapter(tiny_dir, LoraConfig(r=4, alpha=8), seed=1)
+    save_adapter(tmp_path / "a", a.config, a.tensors, a.base_fingerprint or "")
+    assert main(["generate", "-m", str(tiny_dir), "--adapter", str(tmp_path / "a"), "--raw", "-n", "8", "Hi"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model, tok, _ = load_merged(str(tiny_dir), tmp_path / "a")
+    want = Generator(model, tok).generate([tok.encode("Hi")], SamplingParams(max_new_tokens=8))[0].text
+    assert printed == want.strip()
+    base, _ = load_merged(str(tiny_dir), None)[:2]
+    assert not torch.equal(base.layers[0].mlp.up_proj.weight, model.layers[0].mlp.up_proj.weight)

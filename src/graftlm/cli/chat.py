@@ -7,10 +7,9 @@ import time
 
 from rich.console import Console
 
-from graftlm.cli.options import DTYPES, add_model, add_sampling, sampling_from
+from graftlm.cli.options import add_model, add_sampling, load_model, sampling_from
 from graftlm.engine.generate import Generator
 from graftlm.errors import GraftlmError
-from graftlm.model import catalog
 from graftlm.model.tokenizer import Message
 
 console = Console(highlight=False)
@@ -50,7 +49,7 @@ def fit(gen: Generator, messages: list[Message], room: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_from(args)
-    model, tok, source = catalog.load(args.model, DTYPES[args.dtype], args.device)
+    model, tok, source = load_model(args)
     if not tok.chat_template:
         raise GraftlmError(f"{args.model} has no chat template; use `graftlm generate --raw`")
     gen = Generator(model, tok)

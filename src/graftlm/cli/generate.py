@@ -8,9 +8,8 @@ import time
 
 from rich.console import Console
 
-from graftlm.cli.options import DTYPES, add_model, add_sampling, sampling_from
+from graftlm.cli.options import add_model, add_sampling, load_model, sampling_from
 from graftlm.engine.generate import Generator
-from graftlm.model import catalog
 
 err = Console(stderr=True)
 
@@ -43,7 +42,7 @@ def encode(gen: Generator, text: str, raw: bool, system: str | None) -> list[int
 def run(args: argparse.Namespace) -> int:
     params = sampling_from(args)
     texts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
-    model, tok, _ = catalog.load(args.model, DTYPES[args.dtype], args.device)
+    model, tok, _ = load_model(args)
     gen = Generator(model, tok)
     prompts = [encode(gen, t, args.raw, args.system) for t in texts]
     t0 = time.perf_counter()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from graftlm.engine.sampling import SamplingParams
-from graftlm.model.catalog import CATALOG, DEFAULT_MODEL
+from graftlm.lora.merge import load_merged
+from graftlm.model.catalog import CATALOG, DEFAULT_MODEL, ModelSource
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,6 +27,8 @@ def add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
     )
     if not runtime:
         return
+    p.add_argument("--adapter", type=Path, default=None, help="adapter folder to apply (merged into the weights)")
+    p.add_argument("--force", action="store_true", help="apply an adapter trained on another base model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
     p.add_argument(
         "--device",
@@ -58,3 +64,8 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
         seed=args.seed,
         stop=tuple(args.stop),
     )
+
+
+def load_model(args: argparse.Namespace) -> tuple[Llama, Tokenizer, ModelSource]:
+    """The model that `add_model`'s options name, with its adapter merged in if one was given."""
+    return load_merged(args.model, args.adapter, args.force, DTYPES[args.dtype], args.device)

@@ -16,10 +16,14 @@ from graftlm.model.tokenizer import Tokenizer
 
 
 def load_merged(
-    model_name: str, adapter: Path | None, force: bool = False, dtype: torch.dtype = torch.float32
+    model_name: str,
+    adapter: Path | None,
+    force: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> tuple[Llama, Tokenizer, catalog.ModelSource]:
     """The base model, with `adapter` merged into its weights when one is given."""
-    model, tok, source = catalog.load(model_name, dtype)
+    model, tok, source = catalog.load(model_name, dtype, device)
     if adapter is not None:
         apply_adapter(model, read_adapter(adapter), force)
         merge_lora(model)
