@@ -15,10 +15,10 @@ from graftlm.cli.options import add_model
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.eval.runner import Task, evaluate
+from graftlm.fileio import file_sha256
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.merge import load_merged
 from graftlm.model import catalog
-from graftlm.train.data import file_sha256
 from graftlm.train.sft import RECORD_FILE, DataSpec, train_adapter
 from graftlm.train.trainer import TrainConfig
 

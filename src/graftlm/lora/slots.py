@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from graftlm.lora.batched import MultiLoRALinear
 from graftlm.lora.config import AdapterError
 from graftlm.lora.model import PEFT_PREFIX, module_path, parent, projections
@@ -64,12 +62,3 @@ class AdapterSlots:
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for layer in self.layers.values() for b in layer.buffers())
-
-    @staticmethod
-    def slot_bytes(model: Llama, r_max: int) -> int:
-        """Memory one slot takes: A, B and gain for every projection, float32."""
-        total = 0
-        for _, _, proj in projections(model):
-            out_f, in_f = proj.weight.shape
-            total += (r_max * (in_f + out_f) + out_f) * torch.float32.itemsize
-        return total

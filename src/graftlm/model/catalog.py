@@ -7,7 +7,6 @@ loads read that directory.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from graftlm.errors import UnknownModelError
+from graftlm.fileio import file_sha256
 from graftlm.model.config import LlamaConfig
 from graftlm.model.llama import Llama
 from graftlm.model.load_gguf import read_gguf
@@ -55,14 +55,6 @@ class ModelSource:
     name: str
     origin: Path
     checkpoint: Path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve(name: str) -> ModelSource:

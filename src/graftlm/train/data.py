@@ -6,7 +6,6 @@ Each line becomes token ids plus a target mask: loss is taken on assistant / com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -38,10 +37,6 @@ class Example:
     @property
     def n_targets(self) -> int:
         return sum(self.targets)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

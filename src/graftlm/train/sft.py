@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from graftlm import __version__
+from graftlm.fileio import file_sha256
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import save_adapter
 from graftlm.model import catalog
-from graftlm.train.data import file_sha256, load_examples
+from graftlm.train.data import load_examples
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)

@@ -106,7 +106,7 @@ class Trainer:
         on_step: Callable[[int, float], None] | None = None,
     ) -> TrainResult:
         c = self.config
-        per_epoch = math.ceil(len(bucketed_batches(train, c.batch_size, c.seed, 0)) / c.grad_accum)
+        per_epoch = math.ceil(math.ceil(len(train) / c.batch_size) / c.grad_accum)  # batches per epoch, in steps
         total = per_epoch * c.epochs if not c.max_steps else min(c.max_steps, per_epoch * c.epochs)
         warmup_steps = max(1, int(c.warmup * total))
         state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}
