@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from graftlm.engine.kv_cache import KVCache
-from graftlm.engine.sampling import SamplingParams, sample
-from graftlm.engine.text_stream import TextStream
+from graftlm.engine.sampling import SamplingParams
+from graftlm.engine.sequence import Decoding
 from graftlm.errors import PromptTooLongError
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
@@ -103,30 +103,20 @@ class Generator:
         pad = torch.tensor([width - n for n in lengths], device=device)
         positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [B, S]
         cache = KVCache(self.model.config, b, total, self.model.embed_tokens.weight.dtype, device)
-        gens = [sp.generator(device) for sp in per_row]
-        streams = [TextStream(self.tokenizer, sp.stop) for sp in per_row]
+        rows = [Decoding(sp, self.tokenizer, self.stop_ids, n, device) for sp, n in zip(per_row, budget, strict=True)]
         done = [False] * b
 
         logits = self.model(tokens, positions, cache, 0, valid[:, :width], last_only=True)[:, -1]  # [B, V]
         start = width
-        for step in range(max(budget)):
+        for _ in range(max(budget)):
             next_ids = [self.pad_id] * b
             for i in range(b):
                 if done[i]:
                     continue
-                tok = sample(logits[i], per_row[i], gens[i])
-                next_ids[i] = tok
-                delta = streams[i].push(tok)
-                reason = None
-                if streams[i].stopped or (tok in self.stop_ids and not per_row[i].ignore_eos):
-                    reason = "stop"
-                elif step + 1 >= budget[i]:
-                    reason = "length"
-                if reason is not None:
-                    done[i] = True
-                    if reason == "length" or tok in self.stop_ids:
-                        delta += streams[i].finish()
-                yield StepEvent(i, tok, delta, reason)
+                got = rows[i].accept(rows[i].choose(logits[i]))
+                next_ids[i] = got.token
+                done[i] = got.finish_reason is not None
+                yield StepEvent(i, got.token, got.delta, got.finish_reason)
             if all(done):
                 return
             valid[:, start] = True

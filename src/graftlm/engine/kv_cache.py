@@ -33,3 +33,60 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+class RowKVCache:
+    """The serving engine's cache: `rows` sequences of up to `max_len` positions each, preallocated once.
+
+    A sequence owns one row from admission to finish; rows are reused, so memory stays bounded. The
+    engine keeps decoding rows packed at 0..n-1 (see `move`), so a decode step reads plain views.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        rows: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows, self.max_len = rows, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def chunk(self, row0: int, n: int) -> KVCache:
+        """Rows row0..row0+n-1 as a plain cache: for prefill, where the rows share one start offset."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, row0 : row0 + n], self.v[:, row0 : row0 + n]
+        view.max_len = self.max_len
+        return view
+
+    def decode(self, positions: torch.Tensor) -> DecodeView:
+        """Rows 0..n-1 each writing one token at its own position (`positions` [n] long)."""
+        return DecodeView(self, positions)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a row's first `length` positions to another row (packing rows after one finishes)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class DecodeView:
+    def __init__(self, cache: RowKVCache, positions: torch.Tensor):
+        self.cache = cache
+        self.n = positions.shape[0]
+        self.rows = torch.arange(self.n, device=positions.device)
+        self.positions = positions
+        self.end = int(positions.max()) + 1
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [n, KV, 1, D] at each row's position; return keys and values [n, KV, end, D]."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck[self.rows, :, self.positions] = k[:, :, 0]
+        cv[self.rows, :, self.positions] = v[:, :, 0]
+        return ck[: self.n, :, : self.end], cv[: self.n, :, : self.end]

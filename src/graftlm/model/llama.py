@@ -164,13 +164,15 @@ class Llama(nn.Module):
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
         adapters: AdapterBatch | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] at cache offset `start`: [B, S, V], or [B, 1, V] with `last_only`.
 
         positions: [B, S] rotary positions (default start..start+S-1); key_valid: [B, start+S] bool;
-        adapters: the adapter slot of each row (see `graftlm.lora.slots`).
+        adapters: the adapter slot of each row (see `graftlm.lora.slots`); attn_mask: an explicit
+        [B, 1, S, T] bool mask (True = attend) for callers whose rows sit at different offsets.
         """
-        h = self.hidden(tokens, positions, cache, start, key_valid, adapters)
+        h = self.hidden(tokens, positions, cache, start, key_valid, adapters, attn_mask)
         return self.logits(h[:, -1:] if last_only else h)
 
     def hidden(
@@ -181,13 +183,17 @@ class Llama(nn.Module):
         start: int = 0,
         key_valid: torch.Tensor | None = None,
         adapters: AdapterBatch | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last decoder layer's output [B, S, hidden], before the final norm (see `forward`)."""
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         cos, sin = self.rotary.lookup(positions)
-        mask, is_causal = attention_mask(key_valid, start, s, tokens.device)
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
+        else:
+            mask, is_causal = attention_mask(key_valid, start, s, tokens.device)
         dtype = self.embed_tokens.weight.dtype
         if adapters is not None and not adapters.any:
             adapters = None

@@ -1,0 +1,371 @@
+"""The serving engine's adapters: found on disk, loaded on first use off the request path, kept in a
+cache bounded in bytes (the preallocated adapter slots), least recently used evicted first.
+
+On disk, `--adapters DIR` holds one folder per adapter in PEFT's format, either `DIR/name/` or with
+versions `DIR/name/VERSION/` (then `name` means the highest version and `name@VERSION` a given one).
+
+Rules the engine relies on:
+- a cold adapter is read and installed by one loader thread; any number of requests waiting for it
+  cause one load, and requests for other adapters keep running meanwhile;
+- an adapter held by a running request (`refs > 0`) or pinned is never evicted;
+- replacing an adapter (new files under the same name, or `load` with a new path) is a hot swap: the
+  old weights stay in their slot until the last request using them finishes, new requests get the new ones;
+- a corrupt or mismatched adapter fails its load with a clear error and touches no other slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graftlm.errors import GraftlmError
+from graftlm.lora.config import AdapterError
+from graftlm.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE, Adapter, check_fits, read_adapter
+from graftlm.lora.slots import AdapterSlots
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class UnknownAdapterError(GraftlmError):
+    """A request names an adapter that is not on disk or registered."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    version: str  # "" for an unversioned folder
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+@dataclass
+class AdapterStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    load_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Entry:
+    """One adapter version resident in (or loading into) a slot."""
+
+    source: Source
+    stamp: tuple[int, int, int]  # (inode, mtime_ns, size) of the weights file when the load started
+    slot: int
+    state: str = "loading"  # loading | ready | failed | retired
+    refs: int = 0
+    pinned: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    use_dora: bool = False
+    load_ms: float = 0.0
+    error: str = ""
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path / WEIGHTS_FILE)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def _version_order(v: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v))
+
+
+class AdapterCache:
+    def __init__(self, slots: AdapterSlots, directory: Path | None = None, force: bool = False):
+        self.slots = slots
+        self.directory = directory
+        self.force = force
+        self.lock = threading.RLock()
+        self.entries: dict[str, Entry] = {}  # key -> the current entry of that adapter version
+        self.retired: list[Entry] = []  # replaced or unloaded, still held by running requests
+        self.free = list(range(slots.n_slots - 1, -1, -1))
+        self.registered: dict[str, Path] = {}  # name -> path, added through `load`
+        self.stats: dict[str, AdapterStats] = {}
+        self.on_change: Callable[[], None] = lambda: None  # the engine's wake-up
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+
+    # ---- names -------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> Source:
+        """`name` or `name@version` to the folder it names; unknown names raise UnknownAdapterError."""
+        name, _, version = ref.partition("@")
+        if not NAME.match(name) or (version and not NAME.match(version)):
+            raise UnknownAdapterError(f"{ref!r} is not a valid adapter name")
+        if name in self.registered:
+            if version:
+                raise UnknownAdapterError(f"adapter {name} was loaded from a path and has no version {version!r}")
+            return Source(name, "", self.registered[name])
+        folder = self.directory / name if self.directory else None
+        if folder is None or not folder.is_dir():
+            raise UnknownAdapterError(f"adapter {name!r} not found" + self._known_hint())
+        if _is_adapter(folder):
+            if version:
+                raise UnknownAdapterError(f"adapter {name} has no versions (asked for {version!r})")
+            return Source(name, "", folder)
+        versions = sorted((p.name for p in folder.iterdir() if _is_adapter(p)), key=_version_order)
+        if not versions:
+            raise UnknownAdapterError(f"adapter folder {folder} holds no {CONFIG_FILE}")
+        if version and version not in versions:
+            raise UnknownAdapterError(f"adapter {name} has no version {version!r} (has {', '.join(versions)})")
+        chosen = version or versions[-1]
+        return Source(name, chosen, folder / chosen)
+
+    def names(self) -> list[str]:
+        """Every adapter a request may name (versioned ones as name@version too)."""
+        found = set(self.registered)
+        if self.directory and self.directory.is_dir():
+            for d in self.directory.iterdir():
+                if not d.is_dir() or not NAME.match(d.name):
+                    continue
+                if _is_adapter(d):
+                    found.add(d.name)
+                else:
+                    vs = [v.name for v in d.iterdir() if _is_adapter(v)]
+                    found.update([d.name] + [f"{d.name}@{v}" for v in vs] if vs else [])
+        return sorted(found)
+
+    def _known_hint(self) -> str:
+        names = self.names()
+        if not names:
+            return " (no adapters are available)"
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        return f"; available: {shown}"
+
+    # ---- the engine's side -------------------------------------------------------------------
+    def try_acquire(self, sources: Iterable[Source], first_try: bool) -> list[Entry] | None:
+        """Hold every adapter in `sources` if all are resident, else start loading the missing ones and
+        return None (the request waits). A failed load raises AdapterError for the waiting request."""
+        sources = list(sources)
+        with self.lock:
+            entries = []
+            for src in sources:
+                entry = self.entries.get(src.key)
+                if entry is not None and entry.state == "failed":
+                    if not (first_try and self._replaced(entry)):
+                        raise AdapterError(f"adapter {src.key} failed to load: {entry.error}")
+                    del self.entries[src.key]  # its files changed since: try again
+                    entry = None
+                if entry is not None and entry.state == "ready" and not entry.pinned and self._replaced(entry):
+                    self._retire(entry)
+                    entry = None
+                if first_try:
+                    st = self._stat(src.name)
+                    st.requests += 1
+                    if entry is not None and entry.state == "ready":
+                        st.hits += 1
+                    else:
+                        st.misses += 1
+                if entry is None:
+                    entry = self._start_load(src)
+                entries.append(entry)
+            if any(e is None or e.state != "ready" for e in entries):
+                return None
+            now = time.monotonic()
+            for e in entries:
+                e.refs += 1
+                e.last_used = now
+            return entries
+
+    def release(self, entries: Iterable[Entry]) -> None:
+        with self.lock:
+            for e in entries:
+                e.refs -= 1
+                e.last_used = time.monotonic()
+                if e.state == "retired" and e.refs == 0:
+                    self._free_slot(e)
+
+    # ---- the operator's side -----------------------------------------------------------------
+    def load(self, name: str, path: Path | None = None, pin: bool = False) -> Entry:
+        """Load (or reload) an adapter now; with `path`, register it under `name` first. A bad adapter
+        raises AdapterError and changes nothing; a good one replaces the old version (hot swap)."""
+        if not NAME.match(name.partition("@")[0]):
+            raise AdapterError(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-')")
+        src = Source(name, "", Path(path)) if path is not None else self.resolve(name)
+        adapter = read_adapter(src.path)  # raises on a corrupt or malformed adapter
+        check_fits(adapter, self.slots.model, self.force)
+        self._check_rank(adapter)
+        with self.lock:
+            if path is not None:
+                self.registered[name] = Path(path)
+            old = self.entries.get(src.key)
+            if old is not None and old.state in ("ready", "loading"):
+                self._retire(old)
+            entry = self._start_load(src, adapter)
+            if entry is None:
+                raise AdapterError(f"no free adapter slot for {name}: all {self.slots.n_slots} are in use or pinned")
+            entry.pinned = entry.pinned or pin
+        return entry
+
+    def unload(self, name: str) -> bool:
+        """Drop an adapter from memory (at once, or when its last running request ends). False if it
+        was not loaded. An adapter registered by path is forgotten; one on disk may be loaded again."""
+        with self.lock:
+            self.registered.pop(name, None)
+            hit = [e for k, e in list(self.entries.items()) if e.source.name == name or k == name]
+            for e in hit:
+                self._retire(e)
+            return bool(hit)
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Keep an adapter resident whatever the traffic (loads it if needed)."""
+        src = self.resolve(name)
+        with self.lock:
+            entry = self.entries.get(src.key)
+            if entry is None or entry.state == "failed":
+                entry = self._start_load(src)
+                if entry is None:
+                    raise AdapterError(f"no free adapter slot to pin {name}")
+            entry.pinned = pinned
+
+    def wait_ready(self, name: str, timeout: float = 30.0) -> Entry:
+        """Block until `name` is resident (for tests and warm-up); raise its load error if it failed."""
+        src = self.resolve(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                e = self.entries.get(src.key)
+                if e is not None and e.state == "ready":
+                    return e
+                if e is not None and e.state == "failed":
+                    raise AdapterError(f"adapter {src.key} failed to load: {e.error}")
+            time.sleep(0.002)
+        raise TimeoutError(f"adapter {name} not loaded within {timeout} s")
+
+    def resident(self) -> list[Entry]:
+        with self.lock:
+            return [e for e in self.entries.values() if e.state == "ready"] + list(self.retired)
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.nbytes
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+
+    # ---- internals (lock held) ---------------------------------------------------------------
+    def _stat(self, name: str) -> AdapterStats:
+        return self.stats.setdefault(name, AdapterStats())
+
+    def _replaced(self, entry: Entry) -> bool:
+        """Have the adapter's files changed since it was loaded (a hot swap on disk)?"""
+        try:
+            return _stamp(entry.source.path) != entry.stamp
+        except OSError:
+            return False  # gone from disk: keep serving what is loaded
+
+    def _retire(self, entry: Entry) -> None:
+        if self.entries.get(entry.source.key) is entry:
+            del self.entries[entry.source.key]
+        if entry.state == "loading":
+            entry.state = "retired"  # the loader frees the slot when it finishes
+            return
+        entry.state = "retired"
+        if entry.refs == 0:
+            self._free_slot(entry)
+        else:
+            self.retired.append(entry)
+
+    def _free_slot(self, entry: Entry) -> None:
+        if entry in self.retired:
+            self.retired.remove(entry)
+        if entry.slot >= 0:
+            self.slots.clear(entry.slot)  # zero the slot: nothing of the adapter stays in memory
+            self.free.append(entry.slot)
+            entry.slot = -1
+
+    def _reserve_slot(self) -> int | None:
+        if self.free:
+            return self.free.pop()
+        idle = [e for e in self.entries.values() if e.state == "ready" and e.refs == 0 and not e.pinned]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda e: e.last_used)
+        del self.entries[victim.source.key]
+        victim.state = "retired"
+        self._stat(victim.source.name).evictions += 1
+        log.info("evicted adapter %s from slot %d", victim.source.key, victim.slot)
+        slot, victim.slot = victim.slot, -1
+        return slot
+
+    def _start_load(self, src: Source, adapter: Adapter | None = None) -> Entry | None:
+        try:
+            stamp = _stamp(src.path)
+        except OSError as e:
+            stamp = (0, 0, 0)
+            if adapter is None:
+                entry = Entry(src, stamp, -1, state="failed", error=f"cannot read {src.path}: {e}")
+                self.entries[src.key] = entry
+                return entry
+        slot = self._reserve_slot()
+        if slot is None:
+            return None  # every slot is held by running requests: try again after one finishes
+        entry = Entry(src, stamp, slot)
+        self.entries[src.key] = entry
+        self._loader.submit(self._load, entry, adapter)
+        return entry
+
+    def _load(self, entry: Entry, adapter: Adapter | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            if adapter is None:
+                adapter = read_adapter(entry.source.path)
+                check_fits(adapter, self.slots.model, self.force)
+                self._check_rank(adapter)
+            self.slots.load(entry.slot, adapter, force=True)  # fit already checked
+            error = ""
+        except (GraftlmError, OSError) as e:
+            error = str(e)
+        except Exception as e:  # a bug must not kill the loader thread
+            log.exception("loading adapter %s", entry.source.key)
+            error = f"{type(e).__name__}: {e}"
+        seconds = time.perf_counter() - t0
+        with self.lock:
+            st = self._stat(entry.source.name)
+            if error:
+                st.load_failures += 1
+                log.warning("adapter %s failed to load: %s", entry.source.key, error)
+                entry.error = error
+                self.slots.clear(entry.slot)
+                self.free.append(entry.slot)
+                entry.slot = -1
+                entry.state = "failed" if entry.state == "loading" else entry.state
+            else:
+                st.loads += 1
+                st.load_seconds += seconds
+                entry.load_ms = seconds * 1000
+                entry.use_dora = adapter.config.use_dora if adapter is not None else False
+                if entry.state == "retired":  # replaced or unloaded while loading
+                    self._free_slot(entry)
+                else:
+                    entry.state = "ready"
+                    log.info("loaded adapter %s into slot %d in %.1f ms", entry.source.key, entry.slot, entry.load_ms)
+        self.on_change()
+
+    def _check_rank(self, adapter: Adapter) -> None:
+        ranks = [adapter.config.rank_alpha(p)[0] for p in adapter.modules()]
+        if max(ranks, default=0) > self.slots.r_max:
+            raise AdapterError(
+                f"adapter {adapter.name} has rank {max(ranks)}; this server's slots hold rank <= "
+                f"{self.slots.r_max} (start it with a larger --max-rank)"
+            )

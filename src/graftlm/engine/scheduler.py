@@ -1,0 +1,411 @@
+"""Continuous batching: requests join and leave the running batch at every step, each row with its own
+adapter (or weighted mix of adapters) and sampling settings.
+
+One engine thread owns the model. Each iteration it
+  1. drops cancelled requests and admits waiting ones whose adapters are resident (a cold adapter is
+     loaded by the cache's loader thread meanwhile; requests behind it are not held up);
+  2. runs one decode step for every decoding row;
+  3. runs one prefill forward of at most `prefill_tokens` tokens: several new prompts together, or one
+     chunk of a long prompt, so a newcomer stalls running rows for one bounded chunk only.
+KV memory is `RowKVCache`: `max_batch` rows of `max_len` positions, allocated once. Decoding rows sit
+at 0..n-1 and prefilling rows after them; when a row leaves, later rows are moved down (a copy of
+their filled positions only).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graftlm.engine.adapter_cache import AdapterCache, Entry, Source
+from graftlm.engine.kv_cache import RowKVCache
+from graftlm.engine.sampling import SamplingParams
+from graftlm.engine.sequence import Decoding
+from graftlm.errors import GraftlmError, PromptTooLongError
+from graftlm.lora.batched import AdapterBatch
+from graftlm.lora.config import AdapterError
+from graftlm.lora.slots import AdapterSlots
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(GraftlmError):
+    """More requests are waiting than the engine accepts (`max_waiting`)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32  # rows decoded together (and KV rows allocated)
+    max_len: int = 2048  # positions per row: prompt + output (cut to the model's context window)
+    prefill_tokens: int = 256  # tokens per prefill forward: bounds how long newcomers stall running rows
+    adapter_cache_mb: float = 1024.0  # adapter slots, in MB of float32 weights
+    max_rank: int = 16  # the largest adapter rank the slots hold
+    max_waiting: int = 10_000  # queued requests beyond this are refused
+    strategy: str = "auto"  # how rows with different adapters are computed (see lora.batched)
+
+
+@dataclass
+class Output:
+    """One event of a request: a token and the text it settled, the finish, or an error."""
+
+    token: int | None
+    delta: str
+    finish_reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    adapters: list[tuple[Source, float]]
+    sink: Callable[[Output], None]
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    # engine-side state
+    decoding: Decoding | None = None
+    entries: list[Entry] = field(default_factory=list)
+    tried: bool = False
+    row: int = -1
+    filled: int = 0  # positions of this row's KV holding real tokens
+    last_token: int = 0
+
+    def cancel(self) -> None:
+        """Stop generating (client gone): the engine frees the row at its next step."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        config: EngineConfig = EngineConfig(),
+        adapters_dir: Path | None = None,
+        force: bool = False,
+    ):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = model.embed_tokens.weight.device
+        self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        self.max_len = min(config.max_len, model.config.max_position_embeddings)
+        slot_bytes = _slot_bytes(model, config.max_rank)
+        n_slots = max(1, int(config.adapter_cache_mb * 2**20 // slot_bytes))
+        self.slots = AdapterSlots(model, n_slots, config.max_rank)
+        self.cache = AdapterCache(self.slots, adapters_dir, force)
+        self.cache.on_change = self._wake
+        self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.embed_tokens.weight.dtype, self.device)
+        self._incoming: deque[Request] = deque()
+        self._waiting: deque[Request] = deque()
+        self.decoding: list[Request] = []
+        self.prefilling: list[Request] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+        self.step_errors = 0
+        self.peak_batch = 0
+        log.info(
+            "engine: %d rows x %d positions (KV %.0f MB), %d adapter slots of rank <= %d (%.0f MB)",
+            config.max_batch,
+            self.max_len,
+            self.kv.nbytes / 2**20,
+            n_slots,
+            config.max_rank,
+            self.slots.nbytes / 2**20,
+        )
+
+    # ---- the callers' side (any thread) --------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        adapters: Sequence[tuple[Source, float]] = (),
+        sink: Callable[[Output], None] | None = None,
+    ) -> Request:
+        """Queue a request; its outputs go to `sink` (called on the engine thread), see `run`."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt)} tokens but this server's context is {self.max_len} "
+                "(at least one position must be left to generate)"
+            )
+        req = Request(list(prompt), params, list(adapters), sink or (lambda o: None))
+        with self._cond:
+            if len(self._incoming) + len(self._waiting) >= self.config.max_waiting:
+                raise EngineOverloadedError(f"{self.config.max_waiting} requests are already waiting; try again later")
+            self._incoming.append(req)
+            self._cond.notify()
+        return req
+
+    def run(
+        self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[tuple[Source, float]] = ()
+    ) -> Iterator[Output]:
+        """Submit and yield the request's outputs as they come (blocking; for offline use and tests)."""
+        q: queue.Queue[Output] = queue.Queue()
+        req = self.submit(prompt, params, adapters, q.put)
+        try:
+            while True:
+                out = q.get()
+                yield out
+                if out.finish_reason is not None or out.error is not None:
+                    return
+        finally:
+            req.cancel()
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="graftlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.cache.close()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._incoming) + len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.decoding)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                if self._stop:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                if not (self.decoding or self.prefilling or self._admissible()):
+                    self._cond.wait(timeout=0.05)
+                    continue
+            try:
+                if not self._iterate():
+                    with self._cond:  # only requests waiting for adapter loads: sleep until one lands
+                        self._cond.wait(timeout=0.01)
+            except Exception as e:  # a bug must fail the running requests, not the server
+                log.exception("engine step failed")
+                self.step_errors += 1
+                for req in self.decoding + self.prefilling:
+                    self._finish(req, error=e)
+                self.decoding, self.prefilling = [], []
+        for req in list(self._waiting) + self.decoding + self.prefilling:
+            self._finish(req, error=GraftlmError("the server is shutting down"))
+
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and len(self.decoding) + len(self.prefilling) < self.config.max_batch
+
+    def _iterate(self) -> bool:
+        """One engine step; False when there was nothing to run."""
+        self._drop_cancelled()
+        self._admit()
+        if not (self.decoding or self.prefilling):
+            return False
+        with torch.inference_mode():
+            if self.decoding:
+                self._decode_step()
+            if self.prefilling:
+                self._prefill_step()
+        self.steps += 1
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(req)
+            self._finish(req, reason="cancelled")
+        gone = [r for r in self.decoding + self.prefilling if r.cancelled]
+        for req in gone:
+            self._finish(req, reason="cancelled")
+        if gone:
+            self._pack()
+
+    def _admit(self) -> None:
+        still: deque[Request] = deque()
+        while self._waiting:
+            req = self._waiting.popleft()
+            if len(self.decoding) + len(self.prefilling) >= self.config.max_batch:
+                still.append(req)
+                continue
+            try:
+                entries = self.cache.try_acquire([s for s, _ in req.adapters], first_try=not req.tried)
+            except AdapterError as e:
+                self._finish(req, error=e)
+                continue
+            req.tried = True
+            if entries is None:
+                still.append(req)  # its adapter is loading; later requests may go ahead
+                continue
+            if len(entries) > 1 and any(e.use_dora for e in entries):
+                self.cache.release(entries)
+                names = ", ".join(e.source.key for e in entries if e.use_dora)
+                self._finish(req, error=AdapterError(f"DoRA adapters ({names}) cannot be combined with others"))
+                continue
+            req.entries = entries
+            budget = min(req.params.max_new_tokens, self.max_len - len(req.prompt))
+            req.decoding = Decoding(req.params, self.tokenizer, self.stop_ids, budget, self.device)
+            req.row, req.filled = len(self.decoding) + len(self.prefilling), 0
+            self.prefilling.append(req)
+        self._waiting = still
+
+    def _adapter_batch(self, reqs: Sequence[Request]) -> AdapterBatch | None:
+        rows = [[(e.slot, w) for e, (_, w) in zip(r.entries, r.adapters, strict=True)] for r in reqs]
+        if not any(rows):
+            return None
+        return AdapterBatch.of(rows, self.config.strategy, self.device)
+
+    def _decode_step(self) -> None:
+        reqs = list(self.decoding)  # _choose removes finished requests from self.decoding
+        self.peak_batch = max(self.peak_batch, len(reqs))
+        pos = torch.tensor([r.filled for r in reqs], device=self.device)
+        view = self.kv.decode(pos)
+        mask = (torch.arange(view.end, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        tokens = torch.tensor([[r.last_token] for r in reqs], device=self.device)
+        logits = self.model(
+            tokens, pos[:, None], view, 0, adapters=self._adapter_batch(reqs), attn_mask=mask, last_only=True
+        )[:, -1]
+        for r in reqs:
+            r.filled += 1
+        self._choose(reqs, logits)
+
+    def _prefill_step(self) -> None:
+        first = self.prefilling[0]
+        budget = self.config.prefill_tokens
+        if first.filled > 0 or len(first.prompt) > budget:
+            group, start = [first], first.filled  # one long prompt, a chunk at a time
+            chunk = first.prompt[start : start + budget]
+            tokens = torch.tensor([chunk], device=self.device)
+            lengths = [len(chunk)]
+        else:
+            group, start, width = [], 0, 0
+            for r in self.prefilling:
+                w = max(width, len(r.prompt))
+                if r.filled > 0 or (group and w * (len(group) + 1) > budget):
+                    break
+                group.append(r)
+                width = w
+            lengths = [len(r.prompt) for r in group]
+            tokens = torch.full((len(group), width), self.pad_id, dtype=torch.long, device=self.device)
+            for i, r in enumerate(group):
+                tokens[i, : len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
+        s = tokens.shape[1]
+        positions = torch.arange(start, start + s, device=self.device).expand(len(group), s)
+        view = self.kv.chunk(group[0].row, len(group))
+        h = self.model.hidden(tokens, positions, view, start, adapters=self._adapter_batch(group))
+        for r, n in zip(group, lengths, strict=True):
+            r.filled += n
+        done = [r for r in group if r.filled == len(r.prompt)]
+        if not done:
+            return
+        last = torch.tensor([n - 1 for r, n in zip(group, lengths, strict=True) if r in done], device=self.device)
+        rows = torch.tensor([i for i, r in enumerate(group) if r in done], device=self.device)
+        logits = self.model.logits(h[rows, last])  # [k, V]
+        # the prefilled rows are the first prefilling ones: they join the decoding rows where they are
+        del self.prefilling[: len(done)]
+        self.decoding.extend(done)
+        self._choose(done, logits)
+
+    def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
+        greedy = [r.decoding.params.greedy for r in reqs]
+        picks = logits.argmax(-1).tolist() if any(greedy) else []
+        now = time.monotonic()
+        finished = False
+        for i, r in enumerate(reqs):
+            tok = picks[i] if greedy[i] else r.decoding.choose(logits[i])
+            got = r.decoding.accept(tok)
+            r.last_token = tok
+            r.token_ids.append(tok)
+            self.tokens_generated += 1
+            if r.first_token_at is None:
+                r.first_token_at = now
+            if got.finish_reason is None:
+                r.sink(Output(tok, got.delta))
+            else:
+                self._finish(r, reason=got.finish_reason, token=tok, delta=got.delta)
+                finished = True
+        if finished:
+            self.decoding = [r for r in self.decoding if not r.done]
+            self._pack()
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str | None = None,
+        error: Exception | None = None,
+        token: int | None = None,
+        delta: str = "",
+    ) -> None:
+        if req.done:
+            return
+        req.finished_at = time.monotonic()
+        if req.entries:
+            for src, _ in req.adapters:
+                st = self.cache.stats.get(src.name)
+                if st is not None:
+                    st.prompt_tokens += len(req.prompt)
+                    st.completion_tokens += len(req.token_ids)
+            self.cache.release(req.entries)
+            req.entries = []
+        if req in self.decoding:
+            self.decoding.remove(req)
+        if req in self.prefilling:
+            self.prefilling.remove(req)
+        if reason == "stop" and token in self.stop_ids and req.token_ids and req.token_ids[-1] == token:
+            req.token_ids.pop()  # the EOS token is not part of the answer
+        try:
+            req.sink(Output(token, delta, reason, error))
+        except Exception:  # a sink that fails (client gone) must not stop the engine
+            log.exception("delivering the end of a request")
+
+    def _pack(self) -> None:
+        """Move rows down so decoding rows are 0..n-1 and prefilling rows follow, in order."""
+        for target, req in enumerate(self.decoding + self.prefilling):
+            if req.row != target:
+                if req.row < target:
+                    raise RuntimeError(f"row {req.row} would move up to {target}")
+                if req.filled:
+                    self.kv.move(req.row, target, req.filled)
+                req.row = target
+
+
+def _slot_bytes(model: Llama, r_max: int) -> int:
+    """Bytes one adapter slot takes: A and B at rank r_max plus DoRA's gain, float32, every projection."""
+    from graftlm.lora.model import projections
+
+    total = 0
+    for _, _, proj in projections(model):
+        out_f, in_f = proj.weight.shape
+        total += 4 * (r_max * (in_f + out_f) + out_f)
+    return total
