@@ -143,14 +143,16 @@ def test_prompt_longer_than_context_is_refused(tiny_dir: Path, adapters_dir: Pat
 
 
 def test_cancelled_request_frees_its_row(tiny_dir: Path, adapters_dir: Path) -> None:
-    engine = make_engine(tiny_dir, adapters_dir, max_batch=1)
+    engine = make_engine(tiny_dir, adapters_dir, max_batch=1, max_len=2048)
+    started = threading.Event()
     try:
-        long = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=80, ignore_eos=True))
-        time.sleep(0.05)
+        params = SamplingParams(max_new_tokens=2000, ignore_eos=True)
+        long = engine.submit([5, 6, 7], params, sink=lambda o: started.set())
+        assert started.wait(10)
         long.cancel()
         # with one row, this request runs only once the cancelled one has left
         out = list(engine.run([5, 6], SamplingParams(max_new_tokens=3, ignore_eos=True)))
         assert out[-1].finish_reason == "length"
-        assert long.done and len(long.token_ids) < 80
+        assert long.done and len(long.token_ids) < 2000
     finally:
         engine.stop()

@@ -16,8 +16,8 @@ from graftlm.model.tokenizer import Tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
-    """`-m/--model`, and with `runtime` the dtype and device to run it in."""
+def add_model(p: argparse.ArgumentParser, runtime: bool = True, merge: bool = True) -> None:
+    """`-m/--model`; with `runtime` the dtype and device to run it in, and with `merge` an adapter to merge."""
     p.add_argument(
         "-m",
         "--model",
@@ -27,8 +27,9 @@ def add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
     )
     if not runtime:
         return
-    p.add_argument("--adapter", type=Path, default=None, help="adapter folder to apply (merged into the weights)")
-    p.add_argument("--force", action="store_true", help="apply an adapter trained on another base model")
+    if merge:
+        p.add_argument("--adapter", type=Path, default=None, help="adapter folder to apply (merged into the weights)")
+    p.add_argument("--force", action="store_true", help="apply adapters trained on another base model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
     p.add_argument(
         "--device",

@@ -171,7 +171,6 @@ class AdapterCache:
                     entry = None
                 if first_try:
                     st = self._stat(src.name)
-                    st.requests += 1
                     if entry is not None and entry.state == "ready":
                         st.hits += 1
                     else:
@@ -264,6 +263,11 @@ class AdapterCache:
         self._loader.shutdown(wait=True, cancel_futures=True)
 
     # ---- internals (lock held) ---------------------------------------------------------------
+    def stat(self, name: str) -> AdapterStats:
+        """The counters of one adapter (created on first use; "" is the base model)."""
+        with self.lock:
+            return self._stat(name)
+
     def _stat(self, name: str) -> AdapterStats:
         return self.stats.setdefault(name, AdapterStats())
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from graftlm.engine.adapter_cache import AdapterCache, Entry, Source
+from graftlm.engine.json_mode import JsonConstraint, JsonVocab
 from graftlm.engine.kv_cache import RowKVCache
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.sequence import Decoding
@@ -75,6 +76,7 @@ class Request:
     finished_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
+    json_mode: bool = False
     # engine-side state
     decoding: Decoding | None = None
     entries: list[Entry] = field(default_factory=list)
@@ -123,6 +125,7 @@ class Engine:
         self.tokens_generated = 0
         self.step_errors = 0
         self.peak_batch = 0
+        self._json: JsonVocab | None = None
         log.info(
             "engine: %d rows x %d positions (KV %.0f MB), %d adapter slots of rank <= %d (%.0f MB)",
             config.max_batch,
@@ -140,8 +143,12 @@ class Engine:
         params: SamplingParams,
         adapters: Sequence[tuple[Source, float]] = (),
         sink: Callable[[Output], None] | None = None,
+        json_mode: bool = False,
     ) -> Request:
-        """Queue a request; its outputs go to `sink` (called on the engine thread), see `run`."""
+        """Queue a request; its outputs go to `sink` (called on the engine thread), see `run`.
+
+        json_mode: constrain the output to a valid JSON object (see `graftlm.engine.json_mode`).
+        """
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_len:
@@ -149,7 +156,7 @@ class Engine:
                 f"prompt has {len(prompt)} tokens but this server's context is {self.max_len} "
                 "(at least one position must be left to generate)"
             )
-        req = Request(list(prompt), params, list(adapters), sink or (lambda o: None))
+        req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), json_mode=json_mode)
         with self._cond:
             if len(self._incoming) + len(self._waiting) >= self.config.max_waiting:
                 raise EngineOverloadedError(f"{self.config.max_waiting} requests are already waiting; try again later")
@@ -275,10 +282,16 @@ class Engine:
                 continue
             req.entries = entries
             budget = min(req.params.max_new_tokens, self.max_len - len(req.prompt))
-            req.decoding = Decoding(req.params, self.tokenizer, self.stop_ids, budget, self.device)
+            constraint = JsonConstraint(self._json_vocab()) if req.json_mode else None
+            req.decoding = Decoding(req.params, self.tokenizer, self.stop_ids, budget, self.device, constraint)
             req.row, req.filled = len(self.decoding) + len(self.prefilling), 0
             self.prefilling.append(req)
         self._waiting = still
+
+    def _json_vocab(self) -> JsonVocab:
+        if self._json is None:
+            self._json = JsonVocab(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+        return self._json
 
     def _adapter_batch(self, reqs: Sequence[Request]) -> AdapterBatch | None:
         rows = [[(e.slot, w) for e, (_, w) in zip(r.entries, r.adapters, strict=True)] for r in reqs]
@@ -338,7 +351,7 @@ class Engine:
         self._choose(done, logits)
 
     def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
-        greedy = [r.decoding.params.greedy for r in reqs]
+        greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]
         picks = logits.argmax(-1).tolist() if any(greedy) else []
         now = time.monotonic()
         finished = False
@@ -370,12 +383,12 @@ class Engine:
         if req.done:
             return
         req.finished_at = time.monotonic()
+        for name in [s.name for s, _ in req.adapters] or [""]:
+            st = self.cache.stat(name)
+            st.requests += 1
+            st.prompt_tokens += len(req.prompt)
+            st.completion_tokens += len(req.token_ids)
         if req.entries:
-            for src, _ in req.adapters:
-                st = self.cache.stats.get(src.name)
-                if st is not None:
-                    st.prompt_tokens += len(req.prompt)
-                    st.completion_tokens += len(req.token_ids)
             self.cache.release(req.entries)
             req.entries = []
         if req in self.decoding:

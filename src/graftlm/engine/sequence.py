@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from graftlm.engine.json_mode import JsonConstraint
 from graftlm.engine.sampling import SamplingParams, sample
 from graftlm.engine.text_stream import TextStream
 from graftlm.model.tokenizer import Tokenizer
@@ -29,6 +30,7 @@ class Decoding:
         stop_ids: set[int],
         budget: int,
         device: torch.device | str = "cpu",
+        constraint: JsonConstraint | None = None,
     ):
         self.params = params
         self.stop_ids = stop_ids
@@ -37,14 +39,19 @@ class Decoding:
         self.stream = TextStream(tokenizer, params.stop)
         self.produced = 0
         self.finish_reason: str | None = None
+        self.constraint = constraint  # JSON mode: only tokens that keep the output valid
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits [V]."""
+        if self.constraint is not None:
+            logits = logits.masked_fill(~self.constraint.allowed().to(logits.device), float("-inf"))
         return sample(logits, self.params, self.generator)
 
     def accept(self, token: int) -> Accepted:
         """Record `token`; say what text it settles and whether the sequence is finished."""
         self.produced += 1
+        if self.constraint is not None:
+            self.constraint.advance(token)
         delta = self.stream.push(token)
         eos = token in self.stop_ids and not self.params.ignore_eos
         reason = None

@@ -1,0 +1,52 @@
+"""`/metrics` in Prometheus' text format: per-adapter counters, queue depth, batch size, memory."""
+
+from __future__ import annotations
+
+from graftlm.engine.scheduler import Engine
+
+ADAPTER_COUNTERS = (
+    ("requests", 'requests finished, by adapter ("" = base model)'),
+    ("prompt_tokens", "prompt tokens of finished requests"),
+    ("completion_tokens", "tokens generated for finished requests"),
+    ("hits", "requests whose adapter was resident"),
+    ("misses", "requests that had to wait for their adapter to load"),
+    ("evictions", "times the adapter was evicted from the cache"),
+    ("loads", "times the adapter was loaded from disk"),
+    ("load_failures", "failed loads (corrupt or mismatched files)"),
+    ("load_seconds", "seconds spent loading the adapter"),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(engine: Engine) -> str:
+    lines: list[str] = []
+    with engine.cache.lock:
+        stats = {name: vars(st).copy() for name, st in engine.cache.stats.items()}
+        resident = len(engine.cache.resident())
+    for field, doc in ADAPTER_COUNTERS:
+        metric = f"graftlm_adapter_{field}_total"
+        lines += [f"# HELP {metric} {doc}", f"# TYPE {metric} counter"]
+        for name in sorted(stats):
+            lines.append(f'{metric}{{adapter="{_label(name)}"}} {stats[name][field]}')
+    gauges = (
+        ("graftlm_queue_depth", "requests waiting to be admitted", engine.queue_depth),
+        ("graftlm_batch_size", "rows in the running decode batch", engine.batch_size),
+        ("graftlm_prefilling", "admitted requests still prefilling", len(engine.prefilling)),
+        ("graftlm_adapters_resident", "adapters in the cache", resident),
+        ("graftlm_adapter_slots", "adapter slots (the cache's capacity)", engine.slots.n_slots),
+        ("graftlm_adapter_cache_bytes", "bytes reserved for adapter slots", engine.cache.nbytes),
+        ("graftlm_kv_cache_bytes", "bytes reserved for the KV cache", engine.kv.nbytes),
+    )
+    for metric, doc, value in gauges:
+        lines += [f"# HELP {metric} {doc}", f"# TYPE {metric} gauge", f"{metric} {value}"]
+    counters = (
+        ("graftlm_engine_steps_total", "engine iterations that ran the model", engine.steps),
+        ("graftlm_generated_tokens_total", "tokens generated", engine.tokens_generated),
+        ("graftlm_engine_step_errors_total", "engine steps that failed", engine.step_errors),
+    )
+    for metric, doc, value in counters:
+        lines += [f"# HELP {metric} {doc}", f"# TYPE {metric} counter", f"{metric} {value}"]
+    return "\n".join(lines) + "\n"
