@@ -77,6 +77,7 @@ class Entry:
     use_dora: bool = False
     load_ms: float = 0.0
     error: str = ""
+    settled: threading.Event = field(default_factory=threading.Event)  # set when the load ends, either way
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -201,7 +202,7 @@ class AdapterCache:
         if not NAME.match(name.partition("@")[0]):
             raise AdapterError(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-')")
         src = Source(name, "", Path(path)) if path is not None else self.resolve(name)
-        adapter = read_adapter(src.path)  # raises on a corrupt or malformed adapter
+        adapter = read_adapter(src.path, dtype=None)  # raises on a corrupt or malformed adapter
         check_fits(adapter, self.slots.model, self.force)
         self._check_rank(adapter)
         with self.lock:
@@ -241,14 +242,17 @@ class AdapterCache:
         """Block until `name` is resident (for tests and warm-up); raise its load error if it failed."""
         src = self.resolve(name)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             with self.lock:
                 e = self.entries.get(src.key)
-                if e is not None and e.state == "ready":
+            if e is None:
+                raise AdapterError(f"adapter {src.key} is not loading")
+            e.settled.wait(left)
+            with self.lock:
+                if e.state == "ready":
                     return e
-                if e is not None and e.state == "failed":
+                if e.state == "failed":
                     raise AdapterError(f"adapter {src.key} failed to load: {e.error}")
-            time.sleep(0.002)
         raise TimeoutError(f"adapter {name} not loaded within {timeout} s")
 
     def resident(self) -> list[Entry]:
@@ -333,10 +337,10 @@ class AdapterCache:
         t0 = time.perf_counter()
         try:
             if adapter is None:
-                adapter = read_adapter(entry.source.path)
+                adapter = read_adapter(entry.source.path, dtype=None)
                 check_fits(adapter, self.slots.model, self.force)
                 self._check_rank(adapter)
-            self.slots.load(entry.slot, adapter, force=True)  # fit already checked
+            self.slots.load(entry.slot, adapter, checked=True)
             error = ""
         except (GraftlmError, OSError) as e:
             error = str(e)
@@ -364,6 +368,7 @@ class AdapterCache:
                 else:
                     entry.state = "ready"
                     log.info("loaded adapter %s into slot %d in %.1f ms", entry.source.key, entry.slot, entry.load_ms)
+            entry.settled.set()
         self.on_change()
 
     def _check_rank(self, adapter: Adapter) -> None:

@@ -115,15 +115,21 @@ class MultiLoRALinear(nn.Module):
         r = A.shape[0]
         if r > self.r_max:
             raise ValueError(f"adapter rank {r} exceeds the slots' maximum rank {self.r_max}")
-        self.clear_slot(slot)
-        self.A[slot, :, :r] = A.T
-        self.B[slot, :r] = B.T
+        # write in place, converting from the stored 16 bits as we go: a cold load is two passes over the
+        # adapter, not five (this is most of the "disk to usable" time)
+        self.A[slot, :, :r].copy_(A.T)
+        self.B[slot, :r].copy_(B.T)
+        if r < self.r_max:
+            self.A[slot, :, r:].zero_()
+            self.B[slot, r:].zero_()
         if scale != 1.0:
-            self.B[slot, :r] *= scale
+            self.B[slot, :r].mul_(scale)
         if magnitude is not None:
             w = base_weight(self.base).float() + (self.A[slot, :, :r] @ self.B[slot, :r]).T
             self.gain[slot] = magnitude.float() / torch.linalg.norm(w, dim=1)
-            self.dora[slot] = True
+        elif self.dora[slot]:
+            self.gain[slot].fill_(1.0)
+        self.dora[slot] = magnitude is not None
         self.active[slot] = True
 
     def clear_slot(self, slot: int) -> None:

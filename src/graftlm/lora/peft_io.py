@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from graftlm.fileio import atomic_dir
 from graftlm.lora.config import TARGETS, AdapterError, LoraConfig
 from graftlm.lora.layer import base_weight
-from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state, module_path, parent
+from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state, module_path, projections
 from graftlm.model.llama import Llama
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,12 @@ def save_adapter(
             (tmp / name).write_text(text)
 
 
-def read_adapter(path: Path) -> Adapter:
-    """Read and check an adapter folder's own consistency (fit to a base is `check_fits`)."""
+def read_adapter(path: Path, dtype: torch.dtype | None = torch.float32) -> Adapter:
+    """Read and check an adapter folder's own consistency (fit to a base is `check_fits`).
+
+    dtype: what to convert the weights to; None keeps the stored 16 bits (the serving cache converts
+    while copying into its slots).
+    """
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights_file):
         if not f.is_file():
@@ -89,7 +94,9 @@ def read_adapter(path: Path) -> Adapter:
     try:
         with safe_open(str(weights_file), framework="pt") as st:
             meta: dict[str, Any] = st.metadata() or {}
-            tensors = {k: st.get_tensor(k).float() for k in st.keys()}  # noqa: SIM118
+            tensors = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
+        if dtype is not None:
+            tensors = {k: t.to(dtype) for k, t in tensors.items()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {e}") from e
     adapter = Adapter(config, tensors, meta.get(FINGERPRINT_KEY), path)
@@ -126,6 +133,7 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
             raise AdapterError(msg + "; pass force to load it anyway")
         log.warning("%s; loading anyway (forced)", msg)
     c = model.config
+    shapes = _proj_shapes(model)
     for key, t in adapter.tensors.items():
         m = _KEY.match(key)
         assert m is not None  # checked by read_adapter
@@ -134,16 +142,25 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
             raise AdapterError(
                 f"adapter {adapter.name}: {key} is for layer {layer}, the base has {c.num_hidden_layers} layers"
             )
-        out_f, in_f = _proj_shape(model, layer, target)
-        r, _ = adapter.config.rank_alpha(module_path(layer, target))
+        path = module_path(layer, target)
+        out_f, in_f = shapes[path]
+        r, _ = adapter.config.rank_alpha(path)
         want = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r), "lora_magnitude_vector": (out_f,)}[kind]
         if tuple(t.shape) != want:
             raise AdapterError(f"adapter {adapter.name}: {key} has shape {tuple(t.shape)}, this base needs {want}")
 
 
-def _proj_shape(model: Llama, layer: int, target: str) -> tuple[int, int]:
-    proj = getattr(parent(model, layer, target), target)
-    return tuple(base_weight(getattr(proj, "base", proj)).shape)  # type: ignore[return-value]
+_SHAPES: weakref.WeakKeyDictionary[Llama, dict[str, tuple[int, int]]] = weakref.WeakKeyDictionary()
+
+
+def _proj_shapes(model: Llama) -> dict[str, tuple[int, int]]:
+    """[out, in] of every projection by module path (computed once per model: cold loads check often)."""
+    if model not in _SHAPES:
+        _SHAPES[model] = {
+            module_path(i, t): tuple(base_weight(getattr(p, "base", p)).shape)  # type: ignore[misc]
+            for i, t, p in projections(model)
+        }
+    return _SHAPES[model]
 
 
 def apply_adapter(model: Llama, adapter: Adapter, force: bool = False) -> None:

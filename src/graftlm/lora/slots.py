@@ -26,10 +26,12 @@ class AdapterSlots:
             self.layers[module_path(i, t)] = layer
         self.held: list[str | None] = [None] * n_slots  # adapter name per slot
 
-    def load(self, slot: int, adapter: Adapter, force: bool = False) -> None:
-        """Put `adapter` into `slot` (replacing what was there), after checking it fits the base."""
+    def load(self, slot: int, adapter: Adapter, force: bool = False, checked: bool = False) -> None:
+        """Put `adapter` into `slot` (replacing what was there), after checking it fits the base
+        (unless the caller has just `checked` it)."""
         self._check_slot(slot)
-        check_fits(adapter, self.model, force)
+        if not checked:
+            check_fits(adapter, self.model, force)
         modules = adapter.modules()
         for path, layer in self.layers.items():
             if path not in modules:

@@ -1,0 +1,296 @@
+"""Serving many adapters: an S-LoRA-style workload scaled to this CPU, against a PEFT user's server loop.
+
+Workload (one fixed seed, the same requests for every configuration): Poisson arrivals at `--rate`
+requests/s; each request names adapter i with probability proportional to 1/i (power law, alpha 1);
+prompt and output lengths drawn uniformly from `--prompt-len` and `--output-len`. Every request
+generates exactly its output length (EOS ignored), greedy.
+
+Configurations: the base model alone; one adapter for all requests; 32, 128 and 1,000 distinct adapters
+(the last with an adapter cache that holds only 64); and the 32-adapter requests served the way a PEFT
+user would: transformers + PEFT, requests that have arrived grouped by adapter, `load_adapter` on first
+use and `set_adapter` per group, each group one `generate` call.
+
+Prints tokens/s, time to first token p50/p99 and per-output-token latency p50/p99, the 32-adapter
+throughput against one adapter's and against PEFT's, and the cold load time of a rank-16 adapter on
+all seven projections (disk to usable, file dropped from the page cache first).
+
+    python benchmarks/serve.py [--requests 64] [--rate 6] [--threads 2] [--skip-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save_file
+
+from graftlm.engine.adapter_cache import Source
+from graftlm.engine.sampling import SamplingParams
+from graftlm.engine.scheduler import Engine, EngineConfig, Output, _slot_bytes
+from graftlm.lora.config import LoraConfig
+from graftlm.lora.model import PEFT_PREFIX, module_path, projections
+from graftlm.lora.peft_io import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE
+from graftlm.model import catalog
+from graftlm.model.load_hf import load_checkpoint
+
+console = Console()
+
+
+@dataclass
+class Req:
+    arrival: float
+    adapter: int  # 0-based popularity rank; -1 = base
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass
+class Result:
+    tokens_per_s: float
+    ttft: list[float]
+    tpot: list[float]
+    wall: float
+
+
+def write_adapters(ckpt: Path, n: int, out: Path) -> list[Path]:
+    """n rank-16 adapters on all seven projections, random weights, written straight as PEFT files."""
+    model, _ = load_checkpoint(ckpt)
+    fp = model.fingerprint()
+    config = LoraConfig(r=16, alpha=32)
+    shapes = {module_path(i, t): tuple(p.weight.shape) for i, t, p in projections(model)}
+    stamp = out / "fingerprint"
+    if stamp.is_file() and stamp.read_text() == f"{fp}:{n}":
+        return [out / f"a{i}" for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    with console.status(f"writing {n} adapters to {out}"):
+        for i in range(n):
+            d = out / f"a{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            tensors = {}
+            for path, (o, in_f) in shapes.items():
+                key = f"{PEFT_PREFIX}{path}"
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(16, in_f, generator=g) * 0.02).bfloat16()
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(o, 16, generator=g) * 0.002).bfloat16()
+            save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": "pt", FINGERPRINT_KEY: fp})
+            (d / CONFIG_FILE).write_text(json.dumps(config.to_peft("")))
+            paths.append(d)
+    stamp.write_text(f"{fp}:{n}")
+    return paths
+
+
+def workload(args: argparse.Namespace, vocab: int, n_adapters: int) -> list[Req]:
+    rng = np.random.default_rng(args.seed)
+    gaps = rng.exponential(1.0 / args.rate, args.requests)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    if n_adapters > 0:
+        p = 1.0 / np.arange(1, n_adapters + 1)
+        adapters = rng.choice(n_adapters, size=args.requests, p=p / p.sum())
+    else:
+        adapters = np.full(args.requests, -1)
+    lo, hi = args.prompt_len
+    olo, ohi = args.output_len
+    return [
+        Req(
+            float(arrivals[i]),
+            int(adapters[i]),
+            rng.integers(100, vocab, int(rng.integers(lo, hi + 1))).tolist(),
+            int(rng.integers(olo, ohi + 1)),
+        )
+        for i in range(args.requests)
+    ]
+
+
+def summarize(reqs: list[Req], first: list[float], done: list[float], wall: float) -> Result:
+    tokens = sum(r.output_len for r in reqs)
+    ttft = [f - r.arrival for r, f in zip(reqs, first, strict=True)]
+    tpot = [(d - f) / max(1, r.output_len - 1) for r, f, d in zip(reqs, first, done, strict=True)]
+    return Result(tokens / wall, ttft, tpot, wall)
+
+
+def run_graftlm(
+    ckpt: Path, adapters: list[Path], reqs: list[Req], cache_slots: int, max_batch: int
+) -> tuple[Result, Engine]:
+    model, tok = load_checkpoint(ckpt)
+    mb = cache_slots * _slot_bytes(model, 16) / 2**20 + 0.5
+    engine = Engine(model, tok, EngineConfig(max_batch=max_batch, adapter_cache_mb=mb, max_len=512))
+    engine.start()
+    sources = [Source(p.name, "", p) for p in adapters]
+    first = [0.0] * len(reqs)
+    done = [0.0] * len(reqs)
+    finished = threading.Semaphore(0)
+
+    def sink(i: int):
+        def put(o: Output) -> None:
+            now = time.monotonic() - t0
+            if o.error is not None:
+                raise SystemExit(f"request {i} failed: {o.error}")
+            if first[i] == 0.0:
+                first[i] = now
+            if o.finish_reason is not None:
+                done[i] = now
+                finished.release()
+
+        return put
+
+    # warm up the model and one adapter outside the measured window
+    list(engine.run([100, 101, 102], SamplingParams(max_new_tokens=2)))
+    t0 = time.monotonic()
+    for i, r in enumerate(reqs):
+        delay = r.arrival - (time.monotonic() - t0)
+        if delay > 0:
+            time.sleep(delay)
+        params = SamplingParams(max_new_tokens=r.output_len, ignore_eos=True)
+        engine.submit(r.prompt, params, [] if r.adapter < 0 else [(sources[r.adapter], 1.0)], sink(i))
+    for _ in reqs:
+        finished.acquire()
+    wall = time.monotonic() - t0
+    engine.stop()
+    return summarize(reqs, first, done, wall), engine
+
+
+def run_peft(ckpt: Path, adapters: list[Path], reqs: list[Req]) -> Result:
+    """A PEFT user's server: whatever has arrived, grouped by adapter, one generate() per group."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    base.generation_config.eos_token_id = None
+    peft = PeftModel.from_pretrained(base, adapters[0], adapter_name="a0")
+    loaded = {0}
+    first = [0.0] * len(reqs)
+    done = [0.0] * len(reqs)
+    pending = list(range(len(reqs)))
+    t0 = time.monotonic()
+    while pending:
+        now = time.monotonic() - t0
+        arrived = [i for i in pending if reqs[i].arrival <= now]
+        if not arrived:
+            time.sleep(max(0.0, min(reqs[i].arrival for i in pending) - now))
+            continue
+        groups: dict[int, list[int]] = {}
+        for i in arrived:
+            groups.setdefault(reqs[i].adapter, []).append(i)
+        for a, idx in groups.items():
+            if a not in loaded:
+                peft.load_adapter(adapters[a], adapter_name=f"a{a}")
+                loaded.add(a)
+            peft.set_adapter(f"a{a}")
+            width = max(len(reqs[i].prompt) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = reqs[i].prompt
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            n = max(reqs[i].output_len for i in idx)
+            start = time.monotonic() - t0
+            with torch.inference_mode():
+                peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+            end = time.monotonic() - t0
+            for i in idx:  # tokens arrive together at the end of generate(); first token after one step
+                first[i] = start + (end - start) / n
+                done[i] = end
+                pending.remove(i)
+    return summarize(reqs, first, done, time.monotonic() - t0)
+
+
+def cold_load_ms(ckpt: Path, adapters: list[Path], n: int = 20) -> list[float]:
+    """Disk to usable for rank-16 all-projection adapters, each dropped from the page cache first."""
+    model, tok = load_checkpoint(ckpt)
+    engine = Engine(model, tok, EngineConfig(max_batch=1, adapter_cache_mb=_slot_bytes(model, 16) / 2**20 + 1))
+    times = []
+    for p in adapters[-n:]:
+        with open(p / WEIGHTS_FILE, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        engine.cache.load(p.name, p)
+        engine.cache.wait_ready(p.name)
+        times.append((time.perf_counter() - t0) * 1000)
+    engine.stop()
+    return times
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=catalog.DEFAULT_MODEL)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=6.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 64))
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adapters-dir", type=Path, default=Path(tempfile.gettempdir()) / "graftlm-bench-adapters")
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ckpt = catalog.resolve(args.model).checkpoint
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    adapters = write_adapters(ckpt, 1000, args.adapters_dir)
+
+    configs = [
+        ("base model only", 0, 1, 64),
+        ("1 adapter", 1, 1, 64),
+        ("32 adapters", 32, 32, 64),
+        ("128 adapters", 128, 128, 64),
+        ("1,000 adapters, cache of 64", 1000, 1000, 64),
+    ]
+    results: dict[str, Result] = {}
+    for label, n, _, slots in configs:
+        reqs = workload(args, vocab, n)
+        with console.status(f"graftlm: {label}"):
+            results[label], engine = run_graftlm(ckpt, adapters, reqs, slots, args.max_batch)
+        loads = sum(s.loads for s in engine.cache.stats.values())
+        console.print(f"{label}: {results[label].tokens_per_s:.1f} tok/s, {loads} adapter loads")
+    if not args.skip_peft:
+        with console.status("PEFT: 32 adapters"):
+            results["PEFT, 32 adapters"] = run_peft(ckpt, adapters, workload(args, vocab, 32))
+    cold = cold_load_ms(ckpt, adapters)
+
+    table = Table(
+        title=(
+            f"{args.requests} requests, Poisson {args.rate}/s, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
+            f"output {args.output_len[0]}-{args.output_len[1]} tokens, max batch {args.max_batch}, "
+            f"{args.threads} threads"
+        )
+    )
+    for col in ("configuration", "tokens/s", "TTFT p50 s", "TTFT p99 s", "per token p50 ms", "per token p99 ms"):
+        table.add_column(col, justify="right")
+    for label, r in results.items():
+        table.add_row(
+            label,
+            f"{r.tokens_per_s:.1f}",
+            f"{pct(r.ttft, 50):.2f}",
+            f"{pct(r.ttft, 99):.2f}",
+            f"{pct(r.tpot, 50) * 1000:.0f}",
+            f"{pct(r.tpot, 99) * 1000:.0f}",
+        )
+    console.print(table)
+    t32, t1 = results["32 adapters"].tokens_per_s, results["1 adapter"].tokens_per_s
+    console.print(f"32 adapters / 1 adapter throughput: {t32 / t1:.2f}x (target >= 0.8x)")
+    if "PEFT, 32 adapters" in results:
+        console.print(f"graftlm / PEFT throughput, 32 adapters: {t32 / results['PEFT, 32 adapters'].tokens_per_s:.2f}x")
+    console.print(
+        f"cold load, rank 16 on all projections (disk to usable, {len(cold)} adapters): "
+        f"median {statistics.median(cold):.1f} ms, max {max(cold):.1f} ms (target < 20 ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()
