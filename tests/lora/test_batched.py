@@ -30,7 +30,7 @@ def _merged_logits(tiny_dir: Path, adapter, tokens: list[int]) -> torch.Tensor: 
         return model(torch.tensor([tokens]))[0]
 
 
-@pytest.mark.parametrize("strategy", ["auto", "gather", "grouped", "reference"])
+@pytest.mark.parametrize("strategy", ["auto", "kernel", "gather", "grouped", "reference"])
 def test_mixed_batch_equals_each_row_merged(tiny_dir: Path, adapters: list, strategy: str) -> None:
     model, _ = load_checkpoint(tiny_dir)
     slots = AdapterSlots(model, n_slots=8, r_max=16)
@@ -89,7 +89,7 @@ def test_adapter_for_another_base_is_refused(tiny_dir: Path, tmp_path: Path, ada
     slots.load(0, adapters[0], force=True)  # the shapes fit, so forcing works
 
 
-@pytest.mark.parametrize("strategy", ["gather", "grouped", "reference"])
+@pytest.mark.parametrize("strategy", ["kernel", "gather", "grouped", "reference"])
 def test_weighted_composition_equals_hand_merged_weights(tiny_dir: Path, adapters: list, strategy: str) -> None:
     # rows: 0.7·adapter0 + 0.5·adapter1; adapter2 alone; base; -0.3·adapter4 + adapter6
     mixes = [[(0, 0.7), (1, 0.5)], [(2, 1.0)], [], [(4, -0.3), (6, 1.0)]]
@@ -112,3 +112,38 @@ def test_weighted_composition_equals_hand_merged_weights(tiny_dir: Path, adapter
                     proj.weight += w * a.config.scale(path) * delta
             want = ref(tokens[row : row + 1])[0]
         assert float((got[row] - want).abs().max()) <= 1e-4, row
+
+
+def test_kernel_is_built_here_and_bf16_slots_are_exact_for_bf16_adapters(tiny_dir: Path, adapters: list) -> None:
+    from graftlm.lora.bgmv import kernel
+
+    assert kernel() is not None  # a C compiler is part of this project's machines; see bgmv.py otherwise
+    rounded = []
+    for a in adapters[:5]:  # stored in bf16, as save_adapter writes them
+        t = {k: v.to(torch.bfloat16).float() for k, v in a.tensors.items()}
+        rounded.append(type(a)(a.config, t, a.base_fingerprint, a.path))
+    model, _ = load_checkpoint(tiny_dir)
+    slots = AdapterSlots(model, n_slots=5, dtype=torch.bfloat16)
+    for i, a in enumerate(rounded):
+        slots.load(i, a)
+    tokens = torch.randint(0, model.config.vocab_size, (6, 1), generator=torch.Generator().manual_seed(4))
+    rows = [0, 1, 2, 3, 4, -1]
+    with torch.no_grad():
+        got = model(tokens, adapters=AdapterBatch.of(rows, "kernel"))
+    for i, a in enumerate(rows):
+        want = _merged_logits(tiny_dir, None if a < 0 else rounded[a], tokens[i].tolist())
+        assert float((got[i] - want).abs().max()) <= 1e-4, i
+
+
+def test_without_a_compiler_auto_falls_back_to_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graftlm.lora import bgmv
+
+    monkeypatch.setenv("GRAFTLM_NO_KERNEL", "1")
+    bgmv.kernel.cache_clear()
+    try:
+        assert AdapterBatch.of([0, 1, 2]).strategy == "gather"
+        assert AdapterBatch.of([0, 1, 2], "kernel").strategy == "gather"
+    finally:
+        monkeypatch.delenv("GRAFTLM_NO_KERNEL")
+        bgmv.kernel.cache_clear()
+    assert AdapterBatch.of([0, 1, 2]).strategy == "kernel"

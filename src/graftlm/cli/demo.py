@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.cli.demo_server import serve_part
 from graftlm.cli.options import add_model
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
@@ -38,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the default model, then a task adapter against the base",
         description=(
             "Load the embedded default model (converting its GGUF on first use) and answer a few prompts, "
-            "printing tokens/s. Then train an example task adapter (or reuse it when its data and base model "
-            "are unchanged) and score base and adapter side by side on the task's test split."
+            "printing tokens/s. Then train the example task adapters (or reuse them when their data and base "
+            "model are unchanged), score one task's base and adapter side by side on its test split, and "
+            "finally serve every adapter behind the OpenAI-compatible API and send it concurrent requests."
         ),
     )
     add_model(p, runtime=False)
@@ -49,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapters", type=Path, default=Path("adapters"), help="where trained adapters go")
     p.add_argument("--limit", type=int, default=48, help="test examples to score (default: 48)")
     p.add_argument("--no-adapter", action="store_true", help="only the base model part")
+    p.add_argument("--no-serve", action="store_true", help="skip the serving part")
     p.set_defaults(run=run)
 
 
@@ -120,8 +123,20 @@ def adapter_part(model_name: str, task_dir: Path, out: Path, limit: int) -> None
     console.print(table)
 
 
+def example_tasks(examples: Path) -> list[str]:
+    return sorted(p.parent.name for p in examples.glob("*/task.json") if (p.parent / "train.jsonl").is_file())
+
+
 def run(args: argparse.Namespace) -> int:
     base_part(args.model, args.max_tokens)
-    if not args.no_adapter:
-        adapter_part(args.model, args.examples / args.task, args.adapters / args.task, args.limit)
+    if args.no_adapter:
+        return 0
+    adapter_part(args.model, args.examples / args.task, args.adapters / args.task, args.limit)
+    if args.no_serve:
+        return 0
+    tasks = example_tasks(args.examples)
+    for name in tasks:  # the server shows every example adapter: train the ones still missing
+        task_dir = args.examples / name
+        ensure_adapter(args.model, task_dir, Task.beside(task_dir / "test.jsonl"), args.adapters / name)
+    serve_part(args.model, args.examples, args.adapters, tasks)
     return 0

@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"MB for resident adapters, least recently used evicted (default: {d.adapter_cache_mb:g})",
     )
     g.add_argument("--max-rank", type=int, default=d.max_rank, help=f"largest adapter rank (default: {d.max_rank})")
+    g.add_argument(
+        "--adapter-dtype",
+        choices=("bfloat16", "float32"),
+        default=d.adapter_dtype,
+        help="how resident adapters are held; bfloat16 is exact for adapters stored in bf16 (default)",
+    )
     g.add_argument("--pin", action="append", default=[], metavar="NAME", help="keep this adapter resident (repeatable)")
     p.set_defaults(run=run)
 
@@ -63,6 +69,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
         prefill_tokens=args.prefill_tokens,
         adapter_cache_mb=args.adapter_cache_mb,
         max_rank=args.max_rank,
+        adapter_dtype=args.adapter_dtype,
     )
     engine = Engine(model, tok, config, args.adapters, force=args.force)
     for name in args.pin:

@@ -49,8 +49,9 @@ class EngineConfig:
     max_batch: int = 32  # rows decoded together (and KV rows allocated)
     max_len: int = 2048  # positions per row: prompt + output (cut to the model's context window)
     prefill_tokens: int = 256  # tokens per prefill forward: bounds how long newcomers stall running rows
-    adapter_cache_mb: float = 1024.0  # adapter slots, in MB of float32 weights
+    adapter_cache_mb: float = 1024.0  # adapter slots, in MB
     max_rank: int = 16  # the largest adapter rank the slots hold
+    adapter_dtype: str = "bfloat16"  # how slots hold adapters: bfloat16 (as stored) or float32
     max_waiting: int = 10_000  # queued requests beyond this are refused
     strategy: str = "auto"  # how rows with different adapters are computed (see lora.batched)
 
@@ -108,9 +109,10 @@ class Engine:
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self.max_len = min(config.max_len, model.config.max_position_embeddings)
-        slot_bytes = _slot_bytes(model, config.max_rank)
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.adapter_dtype]
+        slot_bytes = _slot_bytes(model, config.max_rank, dtype)
         n_slots = max(1, int(config.adapter_cache_mb * 2**20 // slot_bytes))
-        self.slots = AdapterSlots(model, n_slots, config.max_rank)
+        self.slots = AdapterSlots(model, n_slots, config.max_rank, dtype)
         self.cache = AdapterCache(self.slots, adapters_dir, force)
         self.cache.on_change = self._wake
         self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.embed_tokens.weight.dtype, self.device)
@@ -293,11 +295,11 @@ class Engine:
             self._json = JsonVocab(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
         return self._json
 
-    def _adapter_batch(self, reqs: Sequence[Request]) -> AdapterBatch | None:
+    def _adapter_batch(self, reqs: Sequence[Request], seq_len: int = 1) -> AdapterBatch | None:
         rows = [[(e.slot, w) for e, (_, w) in zip(r.entries, r.adapters, strict=True)] for r in reqs]
         if not any(rows):
             return None
-        return AdapterBatch.of(rows, self.config.strategy, self.device)
+        return AdapterBatch.of(rows, self.config.strategy, self.device, seq_len)
 
     def _decode_step(self) -> None:
         reqs = list(self.decoding)  # _choose removes finished requests from self.decoding
@@ -336,7 +338,7 @@ class Engine:
         s = tokens.shape[1]
         positions = torch.arange(start, start + s, device=self.device).expand(len(group), s)
         view = self.kv.chunk(group[0].row, len(group))
-        h = self.model.hidden(tokens, positions, view, start, adapters=self._adapter_batch(group))
+        h = self.model.hidden(tokens, positions, view, start, adapters=self._adapter_batch(group, s))
         for r, n in zip(group, lengths, strict=True):
             r.filled += n
         done = [r for r in group if r.filled == len(r.prompt)]
@@ -413,12 +415,14 @@ class Engine:
                 req.row = target
 
 
-def _slot_bytes(model: Llama, r_max: int) -> int:
-    """Bytes one adapter slot takes: A and B at rank r_max plus DoRA's gain, float32, every projection."""
+def _slot_bytes(model: Llama, r_max: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one adapter slot takes: A and B at rank r_max in `dtype`, DoRA's gain and the scale in
+    float32, over every projection."""
     from graftlm.lora.model import projections
 
+    size = torch.finfo(dtype).bits // 8
     total = 0
     for _, _, proj in projections(model):
         out_f, in_f = proj.weight.shape
-        total += 4 * (r_max * (in_f + out_f) + out_f)
+        total += size * r_max * (in_f + out_f) + 4 * (out_f + 1)
     return total

@@ -2,18 +2,20 @@
 
 Adapters are loaded into numbered slots; every projection keeps its slots stacked (Punica / S-LoRA):
   A      [n_slots, in, r_max]   A transposed, zero-padded to r_max so adapters of any rank share one stack
-  B      [n_slots, r_max, out]  B transposed, with the adapter's scale folded in
+  B      [n_slots, r_max, out]  B transposed
+  scale  [n_slots]              the adapter's alpha / r (kept apart so 16-bit storage stays exact)
   gain   [n_slots, out]         DoRA's m / ‖W + s·BA‖ per output row; 1 for plain LoRA
-The transposed layout matters: batched matmuls over gathered [in, r] blocks run about 8x faster here
-than over transposed views of [r, in] blocks.
+A and B are stored in `dtype` (bfloat16 for serving: adapters are stored in 16 bits anyway) and
+computed in float32.
 
 A forward takes `AdapterBatch.slots` [B, K] (-1 = nothing) and `weights` [B, K]; row b gets
-  y_b = gain[s_b0] ⊙ (W x_b + Σ_k w_bk · B[s_bk] A[s_bk] x_b) + bias,
+  y_b = gain[s_b0] ⊙ (W x_b + Σ_k w_bk · scale[s_bk] · B[s_bk] A[s_bk] x_b) + bias,
 so K > 1 composes adapters at serve time (Apple's stacked adapters) without writing a merged copy
-(gain is 1 for composed rows: DoRA adapters are not composed). Two ways to compute it: gather each
-row's matrices and use batched matmuls (`gather`), or loop over the distinct adapters in the batch
-(`grouped`); `auto` picks by a cost rule measured here. `reference` is the plain per-row loop both are
-tested against; `benchmarks/multi_lora.py` measures them.
+(gain is 1 for composed rows: DoRA adapters are not composed). Ways to compute it: the BGMV kernel
+(`kernel`, see `bgmv.py`: each token reads its adapter once, one call per projection); gathering each
+row's matrices for batched matmuls (`gather`); a loop over the distinct adapters (`grouped`, plain
+GEMMs, best for long prompts). `auto` picks by a cost rule measured here; `reference` is the plain
+per-row loop all are tested against; `benchmarks/multi_lora.py` measures them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.lora.bgmv import bgmv, kernel
 from graftlm.lora.layer import base_weight
 
-STRATEGIES = ("auto", "gather", "grouped", "reference")
-# Measured here (2 threads, 135M model, rank 16, decode): gathering costs about 1.6 ms per row and step,
-# looping about 2.5 ms per distinct adapter and step. `auto` loops while distinct adapters are at most
-# this fraction of the adapter rows.
+STRATEGIES = ("auto", "kernel", "gather", "grouped", "reference")
+# Measured here (2 threads, 135M model, rank 16): for decode the kernel costs 6-9 ms per step at batch 32
+# whether the rows share one adapter or use 32 (gathering: 66 ms for 32; looping: 2.5 ms per adapter).
+# For long prompts plain GEMMs per adapter win. `auto` uses the kernel up to this many tokens per
+# distinct adapter, and otherwise loops while distinct adapters are at most this fraction of the rows.
+KERNEL_MAX_TOKENS_PER_ADAPTER = 64
 GROUP_WHEN_DISTINCT_PER_ROW = 0.6
 
 RowAdapters = int | Sequence[tuple[int, float]]  # a slot (-1 = none), or (slot, weight) pairs
@@ -41,6 +46,8 @@ class AdapterBatch:
     slots: torch.Tensor  # [B, K] long, slot per row and column, -1 = nothing
     weights: torch.Tensor | None = None  # [B, K] float32; None = all 1
     strategy: str = "auto"
+    seq_len: int = 1  # tokens per row in the forward this batch is for (decode: 1)
+    _tokens: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict, repr=False)
     _groups: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,14 +57,25 @@ class AdapterBatch:
             self.weights = self.weights[:, None]
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "kernel" and kernel() is None:
+            self.strategy = "auto"  # no compiler here: fall back to PyTorch
         if self.strategy == "auto":
             pairs = int((self.slots >= 0).sum())
-            few = len(self.groups()) <= GROUP_WHEN_DISTINCT_PER_ROW * pairs
-            self.strategy = "grouped" if few else "gather"
+            distinct = max(1, len(self.groups()))
+            tokens = pairs * self.seq_len
+            if kernel() is not None and tokens <= KERNEL_MAX_TOKENS_PER_ADAPTER * distinct:
+                self.strategy = "kernel"
+            else:
+                few = distinct <= GROUP_WHEN_DISTINCT_PER_ROW * pairs
+                self.strategy = "grouped" if few else "gather"
 
     @classmethod
     def of(
-        cls, rows: Sequence[RowAdapters], strategy: str = "auto", device: torch.device | str = "cpu"
+        cls,
+        rows: Sequence[RowAdapters],
+        strategy: str = "auto",
+        device: torch.device | str = "cpu",
+        seq_len: int = 1,
     ) -> AdapterBatch:
         """From one entry per row: a slot number (-1 = none) or a list of (slot, weight) pairs."""
         cols = [[(r, 1.0)] if isinstance(r, int) else list(r) or [(-1, 1.0)] for r in rows]
@@ -69,11 +87,21 @@ class AdapterBatch:
             torch.tensor(slots, dtype=torch.long, device=device),
             None if plain else torch.tensor(weights, dtype=torch.float32, device=device),
             strategy,
+            seq_len,
         )
 
     @property
     def any(self) -> bool:
         return bool((self.slots >= 0).any())
+
+    def per_token(self, k: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Column k's slot and weight for every token of a [B, seq_len] input (the kernel's view)."""
+        key = k * 1_000_000 + seq_len
+        if key not in self._tokens:
+            idx = self.slots[:, k].repeat_interleave(seq_len).contiguous()
+            w = None if self.weights is None else self.weights[:, k].repeat_interleave(seq_len).contiguous()
+            self._tokens[key] = (idx, w)
+        return self._tokens[key]
 
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """(slot, row indices, row weights or None) for every adapter used, computed once per forward."""
@@ -91,16 +119,16 @@ class AdapterBatch:
 class MultiLoRALinear(nn.Module):
     """A base projection plus `n_slots` adapter slots, applied per row."""
 
-    def __init__(self, base: nn.Module, n_slots: int, r_max: int):
+    def __init__(self, base: nn.Module, n_slots: int, r_max: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         w = base_weight(base)
         out_f, in_f = w.shape
         self.base = base
         self.r_max = r_max
-        kw = {"device": w.device, "dtype": torch.float32}
-        self.register_buffer("A", torch.zeros(n_slots, in_f, r_max, **kw), persistent=False)
-        self.register_buffer("B", torch.zeros(n_slots, r_max, out_f, **kw), persistent=False)
-        self.register_buffer("gain", torch.ones(n_slots, out_f, **kw), persistent=False)
+        self.register_buffer("A", torch.zeros(n_slots, in_f, r_max, device=w.device, dtype=dtype), persistent=False)
+        self.register_buffer("B", torch.zeros(n_slots, r_max, out_f, device=w.device, dtype=dtype), persistent=False)
+        self.register_buffer("scale", torch.ones(n_slots, device=w.device), persistent=False)
+        self.register_buffer("gain", torch.ones(n_slots, out_f, device=w.device), persistent=False)
         self.active = [False] * n_slots  # does slot s hold weights for this projection?
         self.dora = [False] * n_slots  # does slot s rescale rows (gain != 1)?
 
@@ -115,17 +143,15 @@ class MultiLoRALinear(nn.Module):
         r = A.shape[0]
         if r > self.r_max:
             raise ValueError(f"adapter rank {r} exceeds the slots' maximum rank {self.r_max}")
-        # write in place, converting from the stored 16 bits as we go: a cold load is two passes over the
-        # adapter, not five (this is most of the "disk to usable" time)
+        # write in place, converting as we go: a cold load is one pass over the adapter
         self.A[slot, :, :r].copy_(A.T)
         self.B[slot, :r].copy_(B.T)
         if r < self.r_max:
             self.A[slot, :, r:].zero_()
             self.B[slot, r:].zero_()
-        if scale != 1.0:
-            self.B[slot, :r].mul_(scale)
+        self.scale[slot] = scale
         if magnitude is not None:
-            w = base_weight(self.base).float() + (self.A[slot, :, :r] @ self.B[slot, :r]).T
+            w = base_weight(self.base).float() + (self._a(slot) @ self._b(slot)).T
             self.gain[slot] = magnitude.float() / torch.linalg.norm(w, dim=1)
         elif self.dora[slot]:
             self.gain[slot].fill_(1.0)
@@ -140,16 +166,29 @@ class MultiLoRALinear(nn.Module):
         self.active[slot] = False
         self.dora[slot] = False
 
+    def _a(self, slot: int) -> torch.Tensor:
+        return self.A[slot].float()  # [in, r]
+
+    def _b(self, slot: int) -> torch.Tensor:
+        return self.B[slot].float() * self.scale[slot]  # [r, out], scaled
+
     def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
         y = self.base(x)  # x: [B, S, in] -> y: [B, S, out]
         if batch is None:
             return y
         if batch.strategy == "reference":
             return self._reference(x, y, batch)
-        delta = self._gather(x, batch) if batch.strategy == "gather" else self._grouped(x, batch)
+        gain = self._row_gain(batch)
+        if batch.strategy == "kernel":
+            if gain is None and y.dtype == torch.float32 and y.is_contiguous():
+                self._kernel(x, y, batch)  # add straight into the base output
+                return y
+            delta = torch.zeros(*y.shape, dtype=torch.float32, device=y.device)
+            self._kernel(x, delta, batch)
+        else:
+            delta = self._gather(x, batch) if batch.strategy == "gather" else self._grouped(x, batch)
         if delta is None:
             return y
-        gain = self._row_gain(batch)
         if gain is None:
             return (y.float() + delta).to(y.dtype)
         if self.bias is None:
@@ -162,6 +201,14 @@ class MultiLoRALinear(nn.Module):
             return None
         return torch.where((first >= 0)[:, None], self.gain[first.clamp(min=0)], 1.0)[:, None, :]  # [B, 1, out]
 
+    def _kernel(self, x: torch.Tensor, out: torch.Tensor, batch: AdapterBatch) -> None:
+        s = x.shape[1]
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        out2 = out.view(-1, out.shape[-1])
+        for k in range(batch.slots.shape[1]):
+            idx, w = batch.per_token(k, s)
+            bgmv(x2, out2, idx, w, self.scale, self.A, self.B)
+
     def _gather(self, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor | None:
         xf = x.float()
         delta = None
@@ -171,7 +218,8 @@ class MultiLoRALinear(nn.Module):
             if batch.weights is not None:
                 use = use * batch.weights[:, k]
             idx = idx.clamp(min=0)
-            d = torch.bmm(torch.bmm(xf, self.A[idx]), self.B[idx]) * use[:, None, None]  # [B, S, out]
+            use = use * self.scale[idx]
+            d = torch.bmm(torch.bmm(xf, self.A[idx].float()), self.B[idx].float()) * use[:, None, None]
             delta = d if delta is None else delta + d
         return delta
 
@@ -182,10 +230,10 @@ class MultiLoRALinear(nn.Module):
         n = x.shape[0]
         if len(groups) == 1 and groups[0][2] is None and len(groups[0][1]) == n:
             slot = groups[0][0]  # every row, one adapter: no indexing at all
-            return (x.float() @ self.A[slot]) @ self.B[slot]
+            return (x.float() @ self._a(slot)) @ self._b(slot)
         delta = torch.zeros(*x.shape[:-1], self.B.shape[2], dtype=torch.float32, device=x.device)
         for slot, rows, w in groups:
-            d = (x[rows].float() @ self.A[slot]) @ self.B[slot]  # [n, S, out]
+            d = (x[rows].float() @ self._a(slot)) @ self._b(slot)  # [n, S, out]
             if w is not None:
                 d = d * w[:, None, None]
             delta.index_add_(0, rows, d)
@@ -203,7 +251,7 @@ class MultiLoRALinear(nn.Module):
                 continue
             merged = w.clone()
             for s, c in pairs:
-                merged += c * (self.A[s] @ self.B[s]).T
+                merged += c * (self._a(s) @ self._b(s)).T
             merged = self.gain[pairs[0][0]][:, None] * merged
             bias = None if self.bias is None else self.bias.float()
             rows.append(F.linear(x[b].float(), merged, bias).to(y.dtype))

@@ -1,0 +1,97 @@
+"""The serving part of `graftlm demo`: start the OpenAI-compatible server with the example adapters and
+send it concurrent requests that name different adapters, through the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from graftlm.engine.scheduler import Engine, EngineConfig
+from graftlm.model import catalog
+
+console = Console(highlight=False)
+
+
+def _requests(examples: Path, tasks: list[str], per_task: int) -> list[dict[str, Any]]:
+    """Test-split questions of every task, each sent to that task's adapter and some to the base model."""
+    out = []
+    for task in tasks:
+        lines = (examples / task / "test.jsonl").read_text().splitlines()[:per_task]
+        spec = json.loads((examples / task / "task.json").read_text())
+        for i, line in enumerate(lines):
+            messages = [m for m in json.loads(line)["messages"] if m["role"] != "assistant"]
+            out.append(
+                {
+                    "model": task,
+                    "messages": messages,
+                    "max_tokens": int(spec.get("max_new_tokens", 64)),
+                    "json": task == "extract",
+                }
+            )
+            if i == 0:
+                out.append({**out[-1], "model": None, "json": False})  # the base model on the same question
+    return out
+
+
+def serve_part(model_name: str, examples: Path, adapters: Path, tasks: list[str], per_task: int = 3) -> None:
+    import openai
+    import uvicorn
+
+    from graftlm.server.app import create_app
+
+    console.rule("serving: one base model, every adapter, one batch")
+    model, tok, source = catalog.load(model_name)
+    engine = Engine(model, tok, EngineConfig(max_batch=16, max_len=1024), adapters).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, source.name), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1"
+    client = openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
+    console.print(f"server on {url}; models: {', '.join(m.id for m in client.models.list())}")
+    reqs = _requests(examples, tasks, per_task)
+    for r in reqs:
+        r["model"] = r["model"] or source.name
+
+    def send(r: dict[str, Any]) -> tuple[dict[str, Any], Any, float]:
+        t0 = time.perf_counter()
+        extra = {"response_format": {"type": "json_object"}} if r["json"] else {}
+        resp = client.chat.completions.create(
+            model=r["model"], messages=r["messages"], max_tokens=r["max_tokens"], temperature=0, **extra
+        )
+        return r, resp, time.perf_counter() - t0
+
+    console.print(f"sending {len(reqs)} requests at once, naming {len({r['model'] for r in reqs})} models ...")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        results = list(pool.map(send, reqs))
+    wall = time.perf_counter() - t0
+    table = Table(show_lines=True)
+    for col in ("model", "question (start)", "answer", "s"):
+        table.add_column(col, overflow="fold")
+    tokens = 0
+    for r, resp, secs in results:
+        tokens += resp.usage.completion_tokens
+        question = r["messages"][-1]["content"].split("\n\n")[-1][:80]
+        table.add_row(r["model"], question, resp.choices[0].message.content.strip(), f"{secs:.1f}")
+    console.print(table)
+    console.print(
+        f"[bold]{len(reqs)} concurrent requests, {tokens} tokens in {wall:.1f} s: {tokens / wall:.1f} tokens/s[/] "
+        f"(peak batch {engine.peak_batch}; adapters loaded: "
+        f"{', '.join(f'{n} {s.loads}x' for n, s in sorted(engine.cache.stats.items()) if s.loads)})"
+    )
+    server.should_exit = True
+    thread.join(10)
+    engine.stop()
