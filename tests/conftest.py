@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # Converted GGUFs go to a per-session cache, except the real model's, which is slow to convert.
     monkeypatch.setenv("GRAFTLM_CACHE", str(tmp_path_factory.getbasetemp() / "graftlm-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # `graftlm.cli.main` installs a log handler bound to the test's captured stderr; drop it afterwards,
+    # or later tests (and their server threads) log into a closed stream.
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = before
+    root.setLevel(level)

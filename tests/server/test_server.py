@@ -46,7 +46,8 @@ def server(tiny_dir: Path, adapters_dir: Path) -> Iterator[tuple[str, object]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, BASE), host="127.0.0.1", port=port, log_level="warning", backlog=2048)
+    app = create_app(engine, BASE)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", backlog=2048)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

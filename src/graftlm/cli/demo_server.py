@@ -49,35 +49,57 @@ def serve_part(model_name: str, examples: Path, adapters: Path, tasks: list[str]
 
     console.rule("serving: one base model, every adapter, one batch")
     model, tok, source = catalog.load(model_name)
-    engine = Engine(model, tok, EngineConfig(max_batch=16, max_len=1024), adapters).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=16, max_len=1024), adapters)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, source.name), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
-    console.print(f"server on {url}; models: {', '.join(m.id for m in client.models.list())}")
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, source.name), port=port, log_config=None, log_level="warning")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
     reqs = _requests(examples, tasks, per_task)
     for r in reqs:
         r["model"] = r["model"] or source.name
+    results: list[tuple[dict[str, Any], Any, float]] = []
+    failed: list[BaseException] = []
+    done = threading.Event()
 
-    def send(r: dict[str, Any]) -> tuple[dict[str, Any], Any, float]:
-        t0 = time.perf_counter()
-        extra = {"response_format": {"type": "json_object"}} if r["json"] else {}
-        resp = client.chat.completions.create(
-            model=r["model"], messages=r["messages"], max_tokens=r["max_tokens"], temperature=0, **extra
-        )
-        return r, resp, time.perf_counter() - t0
+    def client_side() -> None:  # the HTTP clients run on other threads; the engine keeps this one
+        try:
+            while not server.started:
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{port}/v1"
+            client = openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
+            console.print(f"server on {url}; models: {', '.join(m.id for m in client.models.list())}")
 
-    console.print(f"sending {len(reqs)} requests at once, naming {len({r['model'] for r in reqs})} models ...")
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(reqs)) as pool:
-        results = list(pool.map(send, reqs))
-    wall = time.perf_counter() - t0
+            def send(r: dict[str, Any]) -> tuple[dict[str, Any], Any, float]:
+                t0 = time.perf_counter()
+                extra = {"response_format": {"type": "json_object"}} if r["json"] else {}
+                resp = client.chat.completions.create(
+                    model=r["model"], messages=r["messages"], max_tokens=r["max_tokens"], temperature=0, **extra
+                )
+                return r, resp, time.perf_counter() - t0
+
+            n_models = len({r["model"] for r in reqs})
+            console.print(f"sending {len(reqs)} requests at once, naming {n_models} models ...")
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(len(reqs)) as pool:
+                results.extend(pool.map(send, reqs))
+            results.append(({}, None, time.perf_counter() - t0))
+        except BaseException as e:  # reported on the main thread
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=client_side, daemon=True).start()
+    try:
+        engine.run_forever(until=done.is_set)
+    finally:
+        server.should_exit = True
+        engine.stop()
+    if failed:
+        raise failed[0]
+    wall = results.pop()[2]
     table = Table(show_lines=True)
     for col in ("model", "question (start)", "answer", "s"):
         table.add_column(col, overflow="fold")
@@ -92,6 +114,3 @@ def serve_part(model_name: str, examples: Path, adapters: Path, tasks: list[str]
         f"(peak batch {engine.peak_batch}; adapters loaded: "
         f"{', '.join(f'{n} {s.loads}x' for n, s in sorted(engine.cache.stats.items()) if s.loads)})"
     )
-    server.should_exit = True
-    thread.join(10)
-    engine.stop()

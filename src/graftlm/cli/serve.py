@@ -78,14 +78,10 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graftlm.server.app import create_app, serve_forever
+    from graftlm.server.app import create_app, serve
 
     engine, name = build_engine(args)
-    engine.start()
     adapters = engine.cache.names()
     log.info("serving %s with %d adapters on http://%s:%d/v1", name, len(adapters), args.host, args.port)
-    try:
-        serve_forever(create_app(engine, name), args.host, args.port)
-    finally:
-        engine.stop()
+    serve(engine, create_app(engine, name), args.host, args.port)
     return 0

@@ -6,8 +6,10 @@ fingerprint travels in the safetensors metadata, which PEFT, vLLM and LoRAX igno
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -91,6 +93,7 @@ def read_adapter(path: Path, dtype: torch.dtype | None = torch.float32) -> Adapt
         config = LoraConfig.from_peft(json.loads(cfg_file.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise AdapterError(f"adapter {path}: cannot read {CONFIG_FILE}: {e}") from e
+    _read_ahead(weights_file)
     try:
         with safe_open(str(weights_file), framework="pt") as st:
             meta: dict[str, Any] = st.metadata() or {}
@@ -102,6 +105,14 @@ def read_adapter(path: Path, dtype: torch.dtype | None = torch.float32) -> Adapt
     adapter = Adapter(config, tensors, meta.get(FINGERPRINT_KEY), path)
     _check_keys(adapter)
     return adapter
+
+
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to read the whole file now: safetensors maps it and faults pages in one small
+    readahead window at a time, which takes 3-4x longer for a cold 10 MB adapter."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
 
 
 def _check_keys(adapter: Adapter) -> None:

@@ -361,8 +361,23 @@ async def _next(q: asyncio.Queue[Output], request: Request, req: Any) -> Output:
                 raise ApiError(499, "client closed the request") from None
 
 
-def serve_forever(app: FastAPI, host: str, port: int) -> None:
+def serve(engine: Engine, app: FastAPI, host: str, port: int) -> None:
+    """Serve HTTP from a background thread while the engine runs on this one (see `Engine.run_forever`);
+    returns when the HTTP server stops (or on Ctrl-C), failing requests still running."""
+    import threading
+
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", backlog=2048, timeout_keep_alive=30)
-    uvicorn.Server(config).run()
+    # log_config=None: keep our logging set-up (uvicorn would replace every handler)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, log_level="warning", backlog=2048, timeout_keep_alive=30
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="graftlm-http", daemon=True)
+    thread.start()
+    try:
+        engine.run_forever(until=lambda: not thread.is_alive())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()

@@ -46,6 +46,11 @@ def render_metrics(engine: Engine) -> str:
         ("graftlm_engine_steps_total", "engine iterations that ran the model", engine.steps),
         ("graftlm_generated_tokens_total", "tokens generated", engine.tokens_generated),
         ("graftlm_engine_step_errors_total", "engine steps that failed", engine.step_errors),
+        ("graftlm_decode_steps_total", "decode steps", engine.decode_steps),
+        ("graftlm_decode_rows_total", "rows decoded, summed over steps (/ steps = mean batch)", engine.decode_rows),
+        ("graftlm_decode_seconds_total", "seconds spent in decode steps", round(engine.decode_seconds, 3)),
+        ("graftlm_prefill_tokens_total", "prompt tokens prefilled (with padding)", engine.prefill_tokens),
+        ("graftlm_prefill_seconds_total", "seconds spent prefilling", round(engine.prefill_seconds, 3)),
     )
     for metric, doc, value in counters:
         lines += [f"# HELP {metric} {doc}", f"# TYPE {metric} counter", f"{metric} {value}"]
