@@ -209,3 +209,36 @@ def test_metrics_count_per_adapter(server: tuple[str, object], client: openai.Op
     assert 'graftlm_adapter_load_failures_total{adapter="broken"}' in text
     for gauge in ("graftlm_queue_depth", "graftlm_batch_size", "graftlm_adapter_cache_bytes"):
         assert f"\n{gauge} " in text
+
+
+def test_graftlm_serve_command(tiny_dir: Path, adapters_dir: Path) -> None:
+    """The CLI end to end: `graftlm serve` in its own process, a request, then Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "graftlm.cli.main", "serve", "-m", str(tiny_dir), "--adapters", str(adapters_dir)]
+    cmd += ["--port", str(port), "--max-batch", "4", "--max-len", "128", "--name", "tiny", "--pin", "a1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = client.completions.create(model="a1", prompt="Hello", max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens >= 1 and r.model == "a1"
+        adapters = httpx.get(f"http://127.0.0.1:{port}/v1/adapters").json()["data"]
+        assert {a["name"]: a["pinned"] for a in adapters}["a1"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert "serving tiny with 5 adapters" in out

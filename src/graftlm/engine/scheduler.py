@@ -347,13 +347,7 @@ class Engine:
             tokens = torch.tensor([chunk], device=self.device)
             lengths = [len(chunk)]
         else:
-            group, start, width = [], 0, 0
-            for r in self.prefilling:
-                w = max(width, len(r.prompt))
-                if r.filled > 0 or (group and w * (len(group) + 1) > budget):
-                    break
-                group.append(r)
-                width = w
+            group, start, width = self._prefill_group(first, budget), 0, len(first.prompt)
             lengths = [len(r.prompt) for r in group]
             tokens = torch.full((len(group), width), self.pad_id, dtype=torch.long, device=self.device)
             for i, r in enumerate(group):
@@ -375,6 +369,18 @@ class Engine:
         del self.prefilling[: len(done)]
         self.decoding.extend(done)
         self._choose(done, logits)
+
+    def _prefill_group(self, head: Request, budget: int) -> list[Request]:
+        """The oldest waiting prompt plus the others that fit its length (right-padded to it) within the
+        token budget, closest lengths first: little padding, and the oldest always goes (no starvation).
+        The chosen ones move to the front rows (rows not yet written: nothing to copy)."""
+        width = len(head.prompt)
+        fits = sorted((r for r in self.prefilling[1:] if len(r.prompt) <= width), key=lambda r: -len(r.prompt))
+        group = [head, *fits[: max(0, budget // width - 1)]]
+        chosen = set(map(id, group))
+        self.prefilling = group + [r for r in self.prefilling if id(r) not in chosen]
+        self._pack()
+        return group
 
     def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
         greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]
@@ -429,12 +435,13 @@ class Engine:
             log.exception("delivering the end of a request")
 
     def _pack(self) -> None:
-        """Move rows down so decoding rows are 0..n-1 and prefilling rows follow, in order."""
+        """Give rows in list order: decoding rows 0..n-1, then prefilling ones. Rows holding KV only ever
+        move down (in order, so no row is overwritten before it has moved); empty ones move freely."""
         for target, req in enumerate(self.decoding + self.prefilling):
             if req.row != target:
-                if req.row < target:
-                    raise RuntimeError(f"row {req.row} would move up to {target}")
                 if req.filled:
+                    if req.row < target:
+                        raise RuntimeError(f"row {req.row} holding KV would move up to {target}")
                     self.kv.move(req.row, target, req.filled)
                 req.row = target
 
