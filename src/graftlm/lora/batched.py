@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftlm.lora.bgmv import bgmv, kernel
+from graftlm.lora.bgmv import WorkItems, bgmv, kernel
 from graftlm.lora.layer import base_weight
 
 STRATEGIES = ("auto", "kernel", "gather", "grouped", "reference")
@@ -47,7 +47,7 @@ class AdapterBatch:
     weights: torch.Tensor | None = None  # [B, K] float32; None = all 1
     strategy: str = "auto"
     seq_len: int = 1  # tokens per row in the forward this batch is for (decode: 1)
-    _tokens: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict, repr=False)
+    _tokens: dict[int, tuple[WorkItems, torch.Tensor | None]] = field(default_factory=dict, repr=False)
     _groups: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,13 +94,14 @@ class AdapterBatch:
     def any(self) -> bool:
         return bool((self.slots >= 0).any())
 
-    def per_token(self, k: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Column k's slot and weight for every token of a [B, seq_len] input (the kernel's view)."""
+    def per_token(self, k: int, seq_len: int) -> tuple[WorkItems, torch.Tensor | None]:
+        """Column k for the kernel: the tokens of a [B, seq_len] input grouped by slot, and each token's
+        weight (computed once per forward, shared by every projection)."""
         key = k * 1_000_000 + seq_len
         if key not in self._tokens:
-            idx = self.slots[:, k].repeat_interleave(seq_len).contiguous()
+            idx = self.slots[:, k].repeat_interleave(seq_len)
             w = None if self.weights is None else self.weights[:, k].repeat_interleave(seq_len).contiguous()
-            self._tokens[key] = (idx, w)
+            self._tokens[key] = (WorkItems.of(idx), w)
         return self._tokens[key]
 
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -131,6 +132,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("gain", torch.ones(n_slots, out_f, device=w.device), persistent=False)
         self.active = [False] * n_slots  # does slot s hold weights for this projection?
         self.dora = [False] * n_slots  # does slot s rescale rows (gain != 1)?
+        self.scales = [1.0] * n_slots  # `scale` as Python floats, for GEMM alphas
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -150,6 +152,7 @@ class MultiLoRALinear(nn.Module):
             self.A[slot, :, r:].zero_()
             self.B[slot, r:].zero_()
         self.scale[slot] = scale
+        self.scales[slot] = float(scale)
         if magnitude is not None:
             w = base_weight(self.base).float() + (self._a(slot) @ self._b(slot)).T
             self.gain[slot] = magnitude.float() / torch.linalg.norm(w, dim=1)
@@ -179,8 +182,11 @@ class MultiLoRALinear(nn.Module):
         if batch.strategy == "reference":
             return self._reference(x, y, batch)
         gain = self._row_gain(batch)
+        in_place = gain is None and y.dtype == torch.float32 and y.is_contiguous()
+        if batch.strategy == "grouped" and in_place and self._one_adapter_in_place(x, y, batch):
+            return y
         if batch.strategy == "kernel":
-            if gain is None and y.dtype == torch.float32 and y.is_contiguous():
+            if in_place:
                 self._kernel(x, y, batch)  # add straight into the base output
                 return y
             delta = torch.zeros(*y.shape, dtype=torch.float32, device=y.device)
@@ -206,8 +212,21 @@ class MultiLoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
         out2 = out.view(-1, out.shape[-1])
         for k in range(batch.slots.shape[1]):
-            idx, w = batch.per_token(k, s)
-            bgmv(x2, out2, idx, w, self.scale, self.A, self.B)
+            items, w = batch.per_token(k, s)
+            bgmv(x2, out2, items, w, self.scale, self.A, self.B)
+
+    def _one_adapter_in_place(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> bool:
+        """Every row on one adapter (a prompt being prefilled): y += scale · (x A) B as one GEMM that adds
+        into the base output. False when the batch is not that case."""
+        groups = batch.groups()
+        if len(groups) != 1 or groups[0][2] is not None or len(groups[0][1]) != x.shape[0]:
+            return False
+        slot = groups[0][0]
+        if self.active[slot]:
+            y2 = y.view(-1, y.shape[-1])
+            h = x.reshape(-1, x.shape[-1]).float() @ self._a(slot)
+            y2.addmm_(h, self.B[slot].float(), alpha=self.scales[slot])
+        return True
 
     def _gather(self, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor | None:
         xf = x.float()

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -32,13 +33,17 @@ SOURCE = r"""
 static inline float from_bf16(uint16_t v) { uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline float from_f32(float v) { return v; }
 
-/* y[n, :] += w[n] * scale[s] * (x[n, :] @ A[s]) @ B[s] for every token n with s = idx[n] >= 0.
-   x [n_tok, in], y [n_tok, out] float32; A [n_slots, in, r], B [n_slots, r, out];
-   scale [n_slots] float32; w [n_tok] float32 or NULL (all 1). */
+#define RMAX 64
+
+/* y[n, :] += w[n] * scale[s] * (x[n, :] @ A[s]) @ B[s] for the tokens n of every work item.
+   Work item j covers tokens order[start[j] .. start[j+1]), which all use slot slot[j]: one thread
+   runs them back to back, so the adapter is read from memory once and from cache after.
+   x [n_tok, in], y [n_tok, out] float32; A [n_slots, in, r], B [n_slots, r, out]; scale [n_slots];
+   w [n_tok] float32 or NULL (all 1). */
 #define BGMV(NAME, T, LOAD)                                                                         \
 static inline void NAME##_row(const float *xn, float *yn, const T *a, const T *b, float c,          \
                               int64_t in_f, int64_t out_f, int64_t r) {                             \
-    float h[64];                                                                                    \
+    float h[RMAX];                                                                                  \
     for (int64_t k = 0; k < r; k++) h[k] = 0.f;                                                     \
     for (int64_t i = 0; i < in_f; i++) {                                                            \
         const float xi = xn[i];                                                                     \
@@ -51,17 +56,19 @@ static inline void NAME##_row(const float *xn, float *yn, const T *a, const T *b
         for (int64_t o = 0; o < out_f; o++) yn[o] += hk * LOAD(bk[o]);                              \
     }                                                                                               \
 }                                                                                                   \
-void NAME(const float *x, float *y, const int64_t *idx, const float *w, const float *scale,          \
-          const T *A, const T *B, int64_t n_tok, int64_t in_f, int64_t out_f, int64_t r,            \
-          int n_threads) {                                                                          \
-    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                              \
-    for (int64_t n = 0; n < n_tok; n++) {                                                           \
-        const int64_t s = idx[n];                                                                   \
-        if (s < 0) continue;                                                                        \
+void NAME(const float *x, float *y, const int64_t *order, const int64_t *start, const int64_t *slot,\
+          const float *w, const float *scale, const T *A, const T *B, int64_t n_items,              \
+          int64_t in_f, int64_t out_f, int64_t r, int n_threads) {                                  \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")                          \
+    for (int64_t j = 0; j < n_items; j++) {                                                         \
+        const int64_t s = slot[j];                                                                  \
         const T *a = A + s * in_f * r, *b = B + s * r * out_f;                                      \
-        const float c = scale[s] * (w ? w[n] : 1.f);                                                \
-        if (r == 16) NAME##_row(x + n * in_f, y + n * out_f, a, b, c, in_f, out_f, 16);             \
-        else NAME##_row(x + n * in_f, y + n * out_f, a, b, c, in_f, out_f, r);                      \
+        for (int64_t q = start[j]; q < start[j + 1]; q++) { /* same adapter: it stays in cache */   \
+            const int64_t n = order[q];                                                             \
+            const float c = scale[s] * (w ? w[n] : 1.f);                                            \
+            if (r == 16) NAME##_row(x + n * in_f, y + n * out_f, a, b, c, in_f, out_f, 16);         \
+            else NAME##_row(x + n * in_f, y + n * out_f, a, b, c, in_f, out_f, r);                  \
+        }                                                                                           \
     }                                                                                               \
 }
 
@@ -70,7 +77,40 @@ BGMV(bgmv_f32, float, from_f32)
 """
 
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-MAX_RANK = 64  # the kernel keeps one token's x·A in a 64-float stack buffer
+MAX_RANK = 64  # the kernel keeps x·A in stack buffers of 64 floats per token
+GROUP = 8  # tokens per work item: they run back to back on one thread, sharing one read of their adapter
+
+
+@dataclass(frozen=True)
+class WorkItems:
+    """Tokens sorted by adapter slot and cut into items of at most GROUP tokens of one slot."""
+
+    order: torch.Tensor  # [n] token indices, by slot
+    start: torch.Tensor  # [items + 1] offsets into order
+    slot: torch.Tensor  # [items]
+
+    @classmethod
+    def of(cls, idx: torch.Tensor) -> WorkItems:
+        """From each token's slot (-1: no adapter, left out)."""
+        keep = (idx >= 0).nonzero().squeeze(1)
+        slots = idx[keep]
+        order = keep[torch.argsort(slots, stable=True)]
+        sorted_slots = idx[order]
+        n = order.numel()
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return cls(empty, torch.zeros(1, dtype=torch.long), empty)
+        pos = torch.arange(n)
+        new_run = torch.ones(n, dtype=torch.bool)
+        new_run[1:] = sorted_slots[1:] != sorted_slots[:-1]
+        run_start = torch.cummax(torch.where(new_run, pos, 0), 0).values  # start of each token's run
+        first = new_run | ((pos - run_start) % GROUP == 0)
+        starts = first.nonzero().squeeze(1)
+        return cls(
+            order.contiguous(),
+            torch.cat([starts, torch.tensor([n])]).contiguous(),
+            sorted_slots[starts].contiguous(),
+        )
 
 
 @cache
@@ -100,43 +140,45 @@ def kernel() -> ctypes.CDLL | None:
     dll = ctypes.CDLL(str(lib))
     for fn in (dll.bgmv_bf16, dll.bgmv_f32):
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return dll
 
 
 def bgmv(
     x: torch.Tensor,
     y: torch.Tensor,
-    idx: torch.Tensor,
+    items: WorkItems,
     weights: torch.Tensor | None,
     scale: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
 ) -> None:
-    """y [N, out] += weights[n] · scale[s] · (x[n] @ A[s]) @ B[s] in place, s = idx[n] (-1: nothing).
+    """y [N, out] += weights[n] · scale[s] · (x[n] @ A[s]) @ B[s] in place, for the tokens in `items`.
 
-    x [N, in] float32, idx [N] int64, weights [N] float32 or None, scale [slots] float32, A [slots, in, r]
-    and B [slots, r, out] in bfloat16 or float32; everything contiguous on the CPU.
+    x [N, in] float32, weights [N] float32 or None, scale [slots] float32, A [slots, in, r] and
+    B [slots, r, out] in bfloat16 or float32; everything contiguous on the CPU.
     """
     dll = kernel()
     assert dll is not None, "bgmv kernel not available"
-    n, in_f = x.shape
+    in_f = x.shape[1]
     r, out_f = B.shape[1], B.shape[2]
     if r > MAX_RANK:
         raise ValueError(f"the BGMV kernel handles rank <= {MAX_RANK}, got {r}")
-    tensors = [x, y, idx, scale, A, B] + ([weights] if weights is not None else [])
+    tensors = [x, y, scale, A, B, items.order, items.start, items.slot] + ([weights] if weights is not None else [])
     if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
         raise ValueError("bgmv needs contiguous CPU tensors")
     fn = dll.bgmv_bf16 if A.dtype == torch.bfloat16 else dll.bgmv_f32
     fn(
         x.data_ptr(),
         y.data_ptr(),
-        idx.data_ptr(),
+        items.order.data_ptr(),
+        items.start.data_ptr(),
+        items.slot.data_ptr(),
         None if weights is None else weights.data_ptr(),
         scale.data_ptr(),
         A.data_ptr(),
         B.data_ptr(),
-        n,
+        items.slot.numel(),
         in_f,
         out_f,
         r,
