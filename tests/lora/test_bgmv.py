@@ -16,7 +16,7 @@ def test_kernel_equals_per_token_products(dtype: torch.dtype, r: int) -> None:
     g = torch.Generator().manual_seed(0)
     n, in_f, out_f, slots = 3 * GROUP + 5, 40, 24, 6
     x = torch.randn(n, in_f, generator=g)
-    A = torch.randn(slots, in_f, r, generator=g).to(dtype)
+    A = torch.randn(slots, r, in_f, generator=g).to(dtype)
     B = torch.randn(slots, r, out_f, generator=g).to(dtype)
     scale = torch.rand(slots, generator=g) + 0.5
     idx = torch.randint(-1, slots, (n,), generator=g)
@@ -31,7 +31,7 @@ def test_kernel_equals_per_token_products(dtype: torch.dtype, r: int) -> None:
             s = int(idx[t])
             if s >= 0:
                 c = scale[s] * (1.0 if weights is None else weights[t])
-                want[t] += c * (x[t] @ A[s].float()) @ B[s].float()
+                want[t] += c * (x[t] @ A[s].float().T) @ B[s].float()
         assert torch.allclose(y, want, atol=1e-4, rtol=1e-5)
 
 

@@ -1,8 +1,8 @@
 """Many adapters in one forward pass: each row of a batch uses its own adapter, a weighted mix, or none.
 
 Adapters are loaded into numbered slots; every projection keeps its slots stacked (Punica / S-LoRA):
-  A      [n_slots, in, r_max]   A transposed, zero-padded to r_max so adapters of any rank share one stack
-  B      [n_slots, r_max, out]  B transposed
+  A      [n_slots, r_max, in]   as PEFT stores it, zero-padded to r_max so adapters of any rank share one stack
+  B      [n_slots, r_max, out]  B transposed (the kernel streams its rows)
   scale  [n_slots]              the adapter's alpha / r (kept apart so 16-bit storage stays exact)
   gain   [n_slots, out]         DoRA's m / ‖W + s·BA‖ per output row; 1 for plain LoRA
 A and B are stored in `dtype` (bfloat16 for serving: adapters are stored in 16 bits anyway) and
@@ -126,7 +126,7 @@ class MultiLoRALinear(nn.Module):
         out_f, in_f = w.shape
         self.base = base
         self.r_max = r_max
-        self.register_buffer("A", torch.zeros(n_slots, in_f, r_max, device=w.device, dtype=dtype), persistent=False)
+        self.register_buffer("A", torch.zeros(n_slots, r_max, in_f, device=w.device, dtype=dtype), persistent=False)
         self.register_buffer("B", torch.zeros(n_slots, r_max, out_f, device=w.device, dtype=dtype), persistent=False)
         self.register_buffer("scale", torch.ones(n_slots, device=w.device), persistent=False)
         self.register_buffer("gain", torch.ones(n_slots, out_f, device=w.device), persistent=False)
@@ -146,10 +146,10 @@ class MultiLoRALinear(nn.Module):
         if r > self.r_max:
             raise ValueError(f"adapter rank {r} exceeds the slots' maximum rank {self.r_max}")
         # write in place, converting as we go: a cold load is one pass over the adapter
-        self.A[slot, :, :r].copy_(A.T)
+        self.A[slot, :r].copy_(A)
         self.B[slot, :r].copy_(B.T)
         if r < self.r_max:
-            self.A[slot, :, r:].zero_()
+            self.A[slot, r:].zero_()
             self.B[slot, r:].zero_()
         self.scale[slot] = scale
         self.scales[slot] = float(scale)
@@ -170,7 +170,7 @@ class MultiLoRALinear(nn.Module):
         self.dora[slot] = False
 
     def _a(self, slot: int) -> torch.Tensor:
-        return self.A[slot].float()  # [in, r]
+        return self.A[slot].float().T  # [in, r]
 
     def _b(self, slot: int) -> torch.Tensor:
         return self.B[slot].float() * self.scale[slot]  # [r, out], scaled
@@ -238,7 +238,8 @@ class MultiLoRALinear(nn.Module):
                 use = use * batch.weights[:, k]
             idx = idx.clamp(min=0)
             use = use * self.scale[idx]
-            d = torch.bmm(torch.bmm(xf, self.A[idx].float()), self.B[idx].float()) * use[:, None, None]
+            a = self.A[idx].float().transpose(1, 2).contiguous()  # [B, in, r]: bmm is slow on the view
+            d = torch.bmm(torch.bmm(xf, a), self.B[idx].float()) * use[:, None, None]
             delta = d if delta is None else delta + d
         return delta
 
