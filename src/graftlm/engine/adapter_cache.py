@@ -27,7 +27,7 @@ from pathlib import Path
 
 from graftlm.errors import GraftlmError
 from graftlm.lora.config import AdapterError
-from graftlm.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE, Adapter, check_fits, read_adapter
+from graftlm.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE, Adapter, check_fits, open_adapter, read_adapter
 from graftlm.lora.slots import AdapterSlots
 
 log = logging.getLogger(__name__)
@@ -337,10 +337,14 @@ class AdapterCache:
         t0 = time.perf_counter()
         try:
             if adapter is None:
-                adapter = read_adapter(entry.source.path, dtype=None)
-                check_fits(adapter, self.slots.model, self.force)
-                self._check_rank(adapter)
-            self.slots.load(entry.slot, adapter, checked=True)
+                with open_adapter(entry.source.path) as lazy:  # tensors stream into the slot as read
+                    check_fits(lazy, self.slots.model, self.force)
+                    self._check_rank(lazy)
+                    self.slots.load(entry.slot, lazy, checked=True)
+                    use_dora = lazy.config.use_dora
+            else:
+                self.slots.load(entry.slot, adapter, checked=True)
+                use_dora = adapter.config.use_dora
             error = ""
         except (GraftlmError, OSError) as e:
             error = str(e)
@@ -362,7 +366,7 @@ class AdapterCache:
                 st.loads += 1
                 st.load_seconds += seconds
                 entry.load_ms = seconds * 1000
-                entry.use_dora = adapter.config.use_dora if adapter is not None else False
+                entry.use_dora = use_dora
                 if entry.state == "retired":  # replaced or unloaded while loading
                     self._free_slot(entry)
                 else:

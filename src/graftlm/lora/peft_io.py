@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,11 @@ class Adapter:
     def name(self) -> str:
         return self.path.name if self.path else "<in memory>"
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading it when the tensors are still in their file."""
+        lazy = getattr(self.tensors, "shape", None)
+        return lazy(key) if callable(lazy) else tuple(self.tensors[key].shape)
+
     def modules(self) -> set[str]:
         return {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in self.tensors}
 
@@ -82,9 +89,20 @@ def save_adapter(
 def read_adapter(path: Path, dtype: torch.dtype | None = torch.float32) -> Adapter:
     """Read and check an adapter folder's own consistency (fit to a base is `check_fits`).
 
-    dtype: what to convert the weights to; None keeps the stored 16 bits (the serving cache converts
-    while copying into its slots).
+    dtype: what to convert the weights to; None keeps the stored 16 bits.
     """
+    with open_adapter(path) as lazy:
+        tensors = {k: lazy.tensors[k] for k in lazy.tensors}
+    if dtype is not None:
+        tensors = {k: t.to(dtype) for k, t in tensors.items()}
+    return Adapter(lazy.config, tensors, lazy.base_fingerprint, path)
+
+
+@contextmanager
+def open_adapter(path: Path) -> Iterator[Adapter]:
+    """An adapter whose tensors are read from the file when first used (in their stored dtype), checked
+    like `read_adapter`. The serving cache copies each tensor into its slot as it arrives, so the copy
+    overlaps the disk read of the rest."""
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights_file):
         if not f.is_file():
@@ -95,16 +113,43 @@ def read_adapter(path: Path, dtype: torch.dtype | None = torch.float32) -> Adapt
         raise AdapterError(f"adapter {path}: cannot read {CONFIG_FILE}: {e}") from e
     _read_ahead(weights_file)
     try:
-        with safe_open(str(weights_file), framework="pt") as st:
-            meta: dict[str, Any] = st.metadata() or {}
-            tensors = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
-        if dtype is not None:
-            tensors = {k: t.to(dtype) for k, t in tensors.items()}
+        handle = safe_open(str(weights_file), framework="pt")
+        st = handle.__enter__()
+        meta: dict[str, Any] = st.metadata() or {}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {e}") from e
-    adapter = Adapter(config, tensors, meta.get(FINGERPRINT_KEY), path)
-    _check_keys(adapter)
-    return adapter
+    try:
+        adapter = Adapter(config, _FileTensors(st, path), meta.get(FINGERPRINT_KEY), path)  # type: ignore[arg-type]
+        _check_keys(adapter)
+        yield adapter
+    finally:
+        handle.__exit__(None, None, None)
+
+
+class _FileTensors(Mapping[str, torch.Tensor]):
+    """An open safetensors file's tensors, each read when asked for; shapes come from the header."""
+
+    def __init__(self, st: Any, path: Path):
+        self._st, self._path = st, path
+        self._keys = list(st.keys())
+        self._known = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        try:
+            return self._st.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise AdapterError(f"adapter {self._path}: cannot read tensor {key}: {e}") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._st.get_slice(key).get_shape())
 
 
 def _read_ahead(path: Path) -> None:
@@ -145,7 +190,7 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
         log.warning("%s; loading anyway (forced)", msg)
     c = model.config
     shapes = _proj_shapes(model)
-    for key, t in adapter.tensors.items():
+    for key in adapter.tensors:
         m = _KEY.match(key)
         assert m is not None  # checked by read_adapter
         layer, target, kind = int(m.group(1)), m.group(3), m.group(4)
@@ -157,8 +202,8 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
         out_f, in_f = shapes[path]
         r, _ = adapter.config.rank_alpha(path)
         want = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r), "lora_magnitude_vector": (out_f,)}[kind]
-        if tuple(t.shape) != want:
-            raise AdapterError(f"adapter {adapter.name}: {key} has shape {tuple(t.shape)}, this base needs {want}")
+        if adapter.shape(key) != want:
+            raise AdapterError(f"adapter {adapter.name}: {key} has shape {adapter.shape(key)}, this base needs {want}")
 
 
 _SHAPES: weakref.WeakKeyDictionary[Llama, dict[str, tuple[int, int]]] = weakref.WeakKeyDictionary()
