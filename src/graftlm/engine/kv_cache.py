@@ -66,6 +66,10 @@ class RowKVCache:
         view.max_len = self.max_len
         return view
 
+    def packed(self, row0: int, lengths: list[int]) -> PackedView:
+        """Prompts packed into one sequence [1, sum(lengths)], the i-th going to row row0 + i at 0."""
+        return PackedView(self, row0, lengths)
+
     def decode(self, positions: torch.Tensor) -> DecodeView:
         """Rows 0..n-1 each writing one token at its own position (`positions` [n] long)."""
         return DecodeView(self, positions)
@@ -90,3 +94,17 @@ class DecodeView:
         ck[self.rows, :, self.positions] = k[:, :, 0]
         cv[self.rows, :, self.positions] = v[:, :, 0]
         return ck[: self.n, :, : self.end], cv[: self.n, :, : self.end]
+
+
+class PackedView:
+    def __init__(self, cache: RowKVCache, row0: int, lengths: list[int]):
+        self.cache, self.row0, self.lengths = cache, row0, lengths
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy each prompt's keys and values [1, KV, T, D] to its own row; attention uses them packed."""
+        off = 0
+        for i, n in enumerate(self.lengths):
+            self.cache.k[layer, self.row0 + i, :, :n] = k[0, :, off : off + n]
+            self.cache.v[layer, self.row0 + i, :, :n] = v[0, :, off : off + n]
+            off += n
+        return k, v

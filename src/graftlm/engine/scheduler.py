@@ -5,8 +5,9 @@ One engine thread owns the model. Each iteration it
   1. drops cancelled requests and admits waiting ones whose adapters are resident (a cold adapter is
      loaded by the cache's loader thread meanwhile; requests behind it are not held up);
   2. runs one decode step for every decoding row;
-  3. runs one prefill forward of at most `prefill_tokens` tokens: several new prompts together, or one
-     chunk of a long prompt, so a newcomer stalls running rows for one bounded chunk only.
+  3. runs one prefill forward of at most `prefill_tokens` tokens: several new prompts packed end to end
+     into one sequence (a block-diagonal mask keeps them apart, so there is no padding), or one chunk of
+     a long prompt, so a newcomer stalls running rows for one bounded chunk only.
 KV memory is `RowKVCache`: `max_batch` rows of `max_len` positions, allocated once. Decoding rows sit
 at 0..n-1 and prefilling rows after them; when a row leaves, later rows are moved down (a copy of
 their filled positions only).
@@ -342,45 +343,51 @@ class Engine:
         first = self.prefilling[0]
         budget = self.config.prefill_tokens
         if first.filled > 0 or len(first.prompt) > budget:
-            group, start = [first], first.filled  # one long prompt, a chunk at a time
-            chunk = first.prompt[start : start + budget]
-            tokens = torch.tensor([chunk], device=self.device)
-            lengths = [len(chunk)]
-        else:
-            group, start, width = self._prefill_group(first, budget), 0, len(first.prompt)
-            lengths = [len(r.prompt) for r in group]
-            tokens = torch.full((len(group), width), self.pad_id, dtype=torch.long, device=self.device)
-            for i, r in enumerate(group):
-                tokens[i, : len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
-        s = tokens.shape[1]
-        self.prefill_tokens += tokens.numel()
-        positions = torch.arange(start, start + s, device=self.device).expand(len(group), s)
-        view = self.kv.chunk(group[0].row, len(group))
-        h = self.model.hidden(tokens, positions, view, start, adapters=self._adapter_batch(group, s))
-        for r, n in zip(group, lengths, strict=True):
-            r.filled += n
-        done = [r for r in group if r.filled == len(r.prompt)]
-        if not done:
+            self._prefill_chunk(first, budget)
             return
-        last = torch.tensor([n - 1 for r, n in zip(group, lengths, strict=True) if r in done], device=self.device)
-        rows = torch.tensor([i for i, r in enumerate(group) if r in done], device=self.device)
-        logits = self.model.logits(h[rows, last])  # [k, V]
+        # whole prompts, oldest first, packed end to end into one sequence: no padding
+        group, total = [], 0
+        for r in self.prefilling:
+            if group and total + len(r.prompt) > budget:
+                break
+            group.append(r)
+            total += len(r.prompt)
+        lengths = [len(r.prompt) for r in group]
+        tokens = torch.tensor([[t for r in group for t in r.prompt]], device=self.device)  # [1, T]
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
+        segment = torch.repeat_interleave(torch.arange(len(group), device=self.device), torch.tensor(lengths))
+        # block-diagonal causal mask: each prompt sees only itself
+        mask = (segment[:, None] == segment[None, :]) & (positions[0][None, :] <= positions[0][:, None])
+        view = self.kv.packed(group[0].row, lengths)
+        adapters = self._adapter_batch([r for r, n in zip(group, lengths, strict=True) for _ in range(n)])
+        if adapters is not None:
+            adapters.token_level = True
+        self.prefill_tokens += total
+        h = self.model.hidden(tokens, positions, view, 0, adapters=adapters, attn_mask=mask[None, None])
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        for r in group:
+            r.filled = len(r.prompt)
+        self._prefilled(group, self.model.logits(h[0, last]))
+
+    def _prefill_chunk(self, req: Request, budget: int) -> None:
+        """The next chunk of a prompt longer than the budget, attending to the chunks before it."""
+        start = req.filled
+        chunk = req.prompt[start : start + budget]
+        tokens = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        self.prefill_tokens += len(chunk)
+        h = self.model.hidden(
+            tokens, positions, self.kv.chunk(req.row, 1), start, adapters=self._adapter_batch([req], len(chunk))
+        )
+        req.filled += len(chunk)
+        if req.filled == len(req.prompt):
+            self._prefilled([req], self.model.logits(h[0, -1:]))
+
+    def _prefilled(self, done: list[Request], logits: torch.Tensor) -> None:
         # the prefilled rows are the first prefilling ones: they join the decoding rows where they are
         del self.prefilling[: len(done)]
         self.decoding.extend(done)
         self._choose(done, logits)
-
-    def _prefill_group(self, head: Request, budget: int) -> list[Request]:
-        """The oldest waiting prompt plus the others that fit its length (right-padded to it) within the
-        token budget, closest lengths first: little padding, and the oldest always goes (no starvation).
-        The chosen ones move to the front rows (rows not yet written: nothing to copy)."""
-        width = len(head.prompt)
-        fits = sorted((r for r in self.prefilling[1:] if len(r.prompt) <= width), key=lambda r: -len(r.prompt))
-        group = [head, *fits[: max(0, budget // width - 1)]]
-        chosen = set(map(id, group))
-        self.prefilling = group + [r for r in self.prefilling if id(r) not in chosen]
-        self._pack()
-        return group
 
     def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
         greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]

@@ -31,11 +31,12 @@ from graftlm.lora.bgmv import WorkItems, bgmv, kernel
 from graftlm.lora.layer import base_weight
 
 STRATEGIES = ("auto", "kernel", "gather", "grouped", "reference")
-# Measured here (2 threads, 135M model, rank 16): for decode the kernel costs 6-9 ms per step at batch 32
-# whether the rows share one adapter or use 32 (gathering: 66 ms for 32; looping: 2.5 ms per adapter).
-# For long prompts plain GEMMs per adapter win. `auto` uses the kernel up to this many tokens per
+# Measured here (2 threads, 135M model, rank 16, decode at batch 32): the kernel adds 8 ms per step when
+# the rows share one adapter and 26 ms when they use 32 (gathering: 66 ms for 32; looping: 2.5 ms per
+# adapter); with 32 rows on one adapter the kernel and one GEMM pair tie, and beyond that GEMMs win.
+# `auto` uses the kernel up to this many tokens per
 # distinct adapter, and otherwise loops while distinct adapters are at most this fraction of the rows.
-KERNEL_MAX_TOKENS_PER_ADAPTER = 64
+KERNEL_MAX_TOKENS_PER_ADAPTER = 32
 GROUP_WHEN_DISTINCT_PER_ROW = 0.6
 
 RowAdapters = int | Sequence[tuple[int, float]]  # a slot (-1 = none), or (slot, weight) pairs
@@ -47,6 +48,7 @@ class AdapterBatch:
     weights: torch.Tensor | None = None  # [B, K] float32; None = all 1
     strategy: str = "auto"
     seq_len: int = 1  # tokens per row in the forward this batch is for (decode: 1)
+    token_level: bool = False  # slots name every token of a [1, T] input (packed prompts), not rows
     _tokens: dict[int, tuple[WorkItems, torch.Tensor | None]] = field(default_factory=dict, repr=False)
     _groups: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = field(default=None, repr=False)
 
@@ -176,6 +178,12 @@ class MultiLoRALinear(nn.Module):
         return self.B[slot].float() * self.scale[slot]  # [r, out], scaled
 
     def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
+        if batch is not None and batch.token_level:  # packed prompts: every token is a row of its own
+            b, s, _ = x.shape
+            return self._apply(x.reshape(b * s, 1, -1), batch).reshape(b, s, -1)
+        return self._apply(x, batch)
+
+    def _apply(self, x: torch.Tensor, batch: AdapterBatch | None) -> torch.Tensor:
         y = self.base(x)  # x: [B, S, in] -> y: [B, S, out]
         if batch is None:
             return y
