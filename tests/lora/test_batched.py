@@ -147,3 +147,20 @@ def test_without_a_compiler_auto_falls_back_to_pytorch(monkeypatch: pytest.Monke
         monkeypatch.delenv("GRAFTLM_NO_KERNEL")
         bgmv.kernel.cache_clear()
     assert AdapterBatch.of([0, 1, 2]).strategy == "kernel"
+
+
+def test_contiguous_runs_add_in_place_and_equal_merged(tiny_dir: Path, adapters: list) -> None:
+    model, _ = load_checkpoint(tiny_dir)
+    slots = AdapterSlots(model, n_slots=3)
+    for i in range(3):
+        slots.load(i, adapters[i])
+    rows = [0, 0, 2, 2, 2, -1, 1]  # runs per adapter, as packed prefill lays them out
+    batch = AdapterBatch.of(rows, "grouped")
+    assert batch.runs() == [(0, 0, 2), (1, 6, 7), (2, 2, 5)]
+    assert AdapterBatch.of([0, 1, 0], "grouped").runs() is None
+    tokens = torch.randint(0, model.config.vocab_size, (len(rows), 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model(tokens, adapters=batch)
+    for i, a in enumerate(rows):
+        want = _merged_logits(tiny_dir, None if a < 0 else adapters[a], tokens[i].tolist())
+        assert float((got[i] - want).abs().max()) <= 1e-4, i

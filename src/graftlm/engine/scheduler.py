@@ -352,6 +352,11 @@ class Engine:
                 break
             group.append(r)
             total += len(r.prompt)
+        # prompts with the same adapter side by side: each adapter then applies to one run of tokens
+        # with plain GEMMs (rows not yet written, so reordering them copies nothing)
+        group.sort(key=lambda r: tuple(e.slot for e in r.entries))
+        self.prefilling = group + self.prefilling[len(group) :]
+        self._pack()
         lengths = [len(r.prompt) for r in group]
         tokens = torch.tensor([[t for r in group for t in r.prompt]], device=self.device)  # [1, T]
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]

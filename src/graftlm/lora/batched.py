@@ -51,6 +51,7 @@ class AdapterBatch:
     token_level: bool = False  # slots name every token of a [1, T] input (packed prompts), not rows
     _tokens: dict[int, tuple[WorkItems, torch.Tensor | None]] = field(default_factory=dict, repr=False)
     _groups: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = field(default=None, repr=False)
+    _runs: list[tuple[int, int, int]] | bool | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.slots.dim() == 1:
@@ -105,6 +106,21 @@ class AdapterBatch:
             w = None if self.weights is None else self.weights[:, k].repeat_interleave(seq_len).contiguous()
             self._tokens[key] = (WorkItems.of(idx), w)
         return self._tokens[key]
+
+    def runs(self) -> list[tuple[int, int, int]] | None:
+        """(slot, first row, end row) when every adapter's rows are one contiguous run, each row has at
+        most one adapter and no weights; None otherwise (computed once per forward)."""
+        if self._runs is None:
+            ok = self.slots.shape[1] == 1 and self.weights is None
+            runs = []
+            for slot, rows, _ in self.groups() if ok else []:
+                a, b = int(rows[0]), int(rows[-1]) + 1
+                if b - a != len(rows):
+                    ok = False
+                    break
+                runs.append((slot, a, b))
+            self._runs = runs if ok else False
+        return None if self._runs is False else self._runs  # type: ignore[return-value]
 
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """(slot, row indices, row weights or None) for every adapter used, computed once per forward."""
@@ -191,7 +207,7 @@ class MultiLoRALinear(nn.Module):
             return self._reference(x, y, batch)
         gain = self._row_gain(batch)
         in_place = gain is None and y.dtype == torch.float32 and y.is_contiguous()
-        if batch.strategy == "grouped" and in_place and self._one_adapter_in_place(x, y, batch):
+        if batch.strategy == "grouped" and in_place and self._ranges_in_place(x, y, batch):
             return y
         if batch.strategy == "kernel":
             if in_place:
@@ -223,17 +239,19 @@ class MultiLoRALinear(nn.Module):
             items, w = batch.per_token(k, s)
             bgmv(x2, out2, items, w, self.scale, self.A, self.B)
 
-    def _one_adapter_in_place(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> bool:
-        """Every row on one adapter (a prompt being prefilled): y += scale · (x A) B as one GEMM that adds
-        into the base output. False when the batch is not that case."""
-        groups = batch.groups()
-        if len(groups) != 1 or groups[0][2] is not None or len(groups[0][1]) != x.shape[0]:
+    def _ranges_in_place(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> bool:
+        """Rows grouped by adapter in contiguous runs (packed prompts sorted by adapter, or one adapter
+        for all): y[run] += scale · (x[run] A) B, one GEMM pair per run adding into the base output, no
+        copies. False when the batch is not laid out that way."""
+        runs = batch.runs()
+        if runs is None:
             return False
-        slot = groups[0][0]
-        if self.active[slot]:
-            y2 = y.view(-1, y.shape[-1])
-            h = x.reshape(-1, x.shape[-1]).float() @ self._a(slot)
-            y2.addmm_(h, self.B[slot].float(), alpha=self.scales[slot])
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        s = x.shape[1]
+        for slot, a, b in runs:
+            if self.active[slot]:
+                h = x2[a * s : b * s].float() @ self._a(slot)
+                y2[a * s : b * s].addmm_(h, self.B[slot].float(), alpha=self.scales[slot])
         return True
 
     def _gather(self, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor | None:
