@@ -13,8 +13,7 @@ import torch
 
 from graftlm.engine.kv_cache import KVCache
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.sequence import Decoding
-from graftlm.errors import PromptTooLongError
+from graftlm.engine.sequence import Decoding, check_prompt
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
 
@@ -49,13 +48,7 @@ class Generator:
         return self.model.config.max_position_embeddings
 
     def check_prompt(self, ids: Sequence[int]) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.context_window:
-            raise PromptTooLongError(
-                f"prompt has {len(ids)} tokens but the model's context window is {self.context_window} "
-                "(at least one position must be left to generate)"
-            )
+        check_prompt(ids, self.context_window, "the model's context window")
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]

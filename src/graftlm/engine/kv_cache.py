@@ -15,10 +15,12 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        zeroed: bool = False,
     ):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        make = torch.zeros if zeroed else torch.empty
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +37,13 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-class RowKVCache:
+class RowKVCache(KVCache):
     """The serving engine's cache: `rows` sequences of up to `max_len` positions each, preallocated once.
 
     A sequence owns one row from admission to finish; rows are reused, so memory stays bounded. The
     engine keeps decoding rows packed at 0..n-1 (see `move`), so a decode step reads plain views.
+    Zeroed at the start: a row's unwritten positions are masked, but a masked NaN would still poison
+    the attention sum.
     """
 
     def __init__(
@@ -50,14 +54,8 @@ class RowKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.rows, self.max_len = rows, max_len
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        super().__init__(config, rows, max_len, dtype, device, zeroed=True)
+        self.rows = rows
 
     def chunk(self, row0: int, n: int) -> KVCache:
         """Rows row0..row0+n-1 as a plain cache: for prefill, where the rows share one start offset."""

@@ -30,8 +30,8 @@ from graftlm.engine.adapter_cache import AdapterCache, Entry, Source
 from graftlm.engine.json_mode import JsonConstraint, JsonVocab
 from graftlm.engine.kv_cache import RowKVCache
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.sequence import Decoding
-from graftlm.errors import GraftlmError, PromptTooLongError
+from graftlm.engine.sequence import Decoding, check_prompt
+from graftlm.errors import GraftlmError
 from graftlm.lora.batched import AdapterBatch
 from graftlm.lora.config import AdapterError
 from graftlm.lora.slots import AdapterSlots
@@ -155,13 +155,7 @@ class Engine:
 
         json_mode: constrain the output to a valid JSON object (see `graftlm.engine.json_mode`).
         """
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_len:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt)} tokens but this server's context is {self.max_len} "
-                "(at least one position must be left to generate)"
-            )
+        check_prompt(prompt, self.max_len, "this server's context")
         req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), json_mode=json_mode)
         with self._cond:
             if len(self._incoming) + len(self._waiting) >= self.config.max_waiting:
