@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import mmap
 import os
 import re
+import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from graftlm.fileio import atomic_dir
@@ -51,9 +52,7 @@ class Adapter:
         return self.path.name if self.path else "<in memory>"
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """A tensor's shape, without reading it when the tensors are still in their file."""
-        lazy = getattr(self.tensors, "shape", None)
-        return lazy(key) if callable(lazy) else tuple(self.tensors[key].shape)
+        return tuple(self.tensors[key].shape)
 
     def modules(self) -> set[str]:
         return {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in self.tensors}
@@ -91,18 +90,16 @@ def read_adapter(path: Path, dtype: torch.dtype | None = torch.float32) -> Adapt
 
     dtype: what to convert the weights to; None keeps the stored 16 bits.
     """
-    with open_adapter(path) as lazy:
-        tensors = {k: lazy.tensors[k] for k in lazy.tensors}
-    if dtype is not None:
-        tensors = {k: t.to(dtype) for k, t in tensors.items()}
+    with open_adapter(path) as lazy:  # copy out of the mapped file before it closes
+        tensors = {k: t.to(dtype) if dtype not in (None, t.dtype) else t.clone() for k, t in lazy.tensors.items()}
     return Adapter(lazy.config, tensors, lazy.base_fingerprint, path)
 
 
 @contextmanager
 def open_adapter(path: Path) -> Iterator[Adapter]:
-    """An adapter whose tensors are read from the file when first used (in their stored dtype), checked
-    like `read_adapter`. The serving cache copies each tensor into its slot as it arrives, so the copy
-    overlaps the disk read of the rest."""
+    """An adapter whose tensors are views on the memory-mapped file (in their stored dtype), checked like
+    `read_adapter`. The serving cache copies each straight into its slot: one copy, not two, and it
+    overlaps the disk read of the rest of the file."""
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights_file):
         if not f.is_file():
@@ -112,44 +109,66 @@ def open_adapter(path: Path) -> Iterator[Adapter]:
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise AdapterError(f"adapter {path}: cannot read {CONFIG_FILE}: {e}") from e
     _read_ahead(weights_file)
+    with open(weights_file, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (empty?): {e}") from e
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        handle = safe_open(str(weights_file), framework="pt")
-        st = handle.__enter__()
-        meta: dict[str, Any] = st.metadata() or {}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {e}") from e
-    try:
-        adapter = Adapter(config, _FileTensors(st, path), meta.get(FINGERPRINT_KEY), path)  # type: ignore[arg-type]
+        tensors, meta = _mapped_tensors(mapped, path)
+        adapter = Adapter(config, tensors, meta.get(FINGERPRINT_KEY), path)
         _check_keys(adapter)
         yield adapter
     finally:
-        handle.__exit__(None, None, None)
+        del tensors  # views must go before the map can close
+        with contextlib.suppress(BufferError):  # a caller still holds a view: the GC unmaps it later
+            mapped.close()
 
 
-class _FileTensors(Mapping[str, torch.Tensor]):
-    """An open safetensors file's tensors, each read when asked for; shapes come from the header."""
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# the views on a read-only map are only ever read; torch warns about every one of them otherwise
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-    def __init__(self, st: Any, path: Path):
-        self._st, self._path = st, path
-        self._keys = list(st.keys())
-        self._known = set(self._keys)
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._known:
-            raise KeyError(key)
+def _mapped_tensors(buf: mmap.mmap, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse a safetensors file (8-byte little-endian header length, JSON header, data) into views,
+    checking what safetensors checks: the header, dtypes, and that every tensor lies inside the file."""
+
+    def bad(why: str) -> AdapterError:
+        return AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {why}")
+
+    if len(buf) < 8:
+        raise bad("shorter than its header")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise bad(f"header of {n} bytes in a {len(buf)}-byte file")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data = 8 + n
+    tensors = {}
+    for key, info in header.items():
         try:
-            return self._st.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise AdapterError(f"adapter {self._path}: cannot read tensor {key}: {e}") from e
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._st.get_slice(key).get_shape())
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"tensor {key!r}: {e}") from e
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or begin < 0 or data + end > len(buf):
+            raise bad(f"tensor {key!r} does not fit the file")
+        t = (
+            torch.frombuffer(buf, dtype=dtype, count=count, offset=data + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[key] = t.view(shape)
+    return tensors, meta
 
 
 def _read_ahead(path: Path) -> None:
