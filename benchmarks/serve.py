@@ -37,10 +37,11 @@ from safetensors.torch import save_file
 
 from graftlm.engine.adapter_cache import Source
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.scheduler import Engine, EngineConfig, Output, _slot_bytes
+from graftlm.engine.scheduler import Engine, EngineConfig, Output
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import PEFT_PREFIX, module_path, projections
 from graftlm.lora.peft_io import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE
+from graftlm.lora.slots import AdapterSlots
 from graftlm.model import catalog
 from graftlm.model.load_hf import load_checkpoint
 
@@ -123,7 +124,7 @@ def run_graftlm(
     ckpt: Path, adapters: list[Path], reqs: list[Req], cache_slots: int, args: argparse.Namespace
 ) -> tuple[Result, Engine]:
     model, tok = load_checkpoint(ckpt)
-    mb = cache_slots * _slot_bytes(model, 16) / 2**20 + 0.5
+    mb = cache_slots * AdapterSlots.slot_bytes(model, 16, torch.bfloat16) / 2**20 + 0.5
     config = EngineConfig(
         max_batch=args.max_batch, adapter_cache_mb=mb, max_len=512, prefill_tokens=args.prefill_tokens
     )
@@ -214,7 +215,11 @@ def cold_load_ms(ckpt: Path, adapters: list[Path], n: int = 20) -> list[float]:
     """Disk to usable for rank-16 all-projection adapters, each dropped from the page cache first, on
     the path a request takes: a miss starts the loader thread, the adapter is usable once it is ready."""
     model, tok = load_checkpoint(ckpt)
-    engine = Engine(model, tok, EngineConfig(max_batch=1, adapter_cache_mb=_slot_bytes(model, 16) / 2**20 + 1))
+    engine = Engine(
+        model,
+        tok,
+        EngineConfig(max_batch=1, adapter_cache_mb=AdapterSlots.slot_bytes(model, 16, torch.bfloat16) / 2**20 + 1),
+    )
     times = []
     for p in adapters[-n:]:
         with open(p / WEIGHTS_FILE, "rb") as f:

@@ -73,8 +73,6 @@ class Request:
     params: SamplingParams
     adapters: list[tuple[Source, float]]
     sink: Callable[[Output], None]
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
     finished_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -111,7 +109,7 @@ class Engine:
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self.max_len = min(config.max_len, model.config.max_position_embeddings)
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.adapter_dtype]
-        slot_bytes = _slot_bytes(model, config.max_rank, dtype)
+        slot_bytes = AdapterSlots.slot_bytes(model, config.max_rank, dtype)
         n_slots = max(1, int(config.adapter_cache_mb * 2**20 // slot_bytes))
         self.slots = AdapterSlots(model, n_slots, config.max_rank, dtype)
         self.cache = AdapterCache(self.slots, adapters_dir, force)
@@ -391,7 +389,6 @@ class Engine:
     def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
         greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]
         picks = logits.argmax(-1).tolist() if any(greedy) else []
-        now = time.monotonic()
         finished = False
         for i, r in enumerate(reqs):
             tok = picks[i] if greedy[i] else r.decoding.choose(logits[i])
@@ -399,15 +396,12 @@ class Engine:
             r.last_token = tok
             r.token_ids.append(tok)
             self.tokens_generated += 1
-            if r.first_token_at is None:
-                r.first_token_at = now
             if got.finish_reason is None:
                 r.sink(Output(tok, got.delta))
             else:
                 self._finish(r, reason=got.finish_reason, token=tok, delta=got.delta)
                 finished = True
-        if finished:
-            self.decoding = [r for r in self.decoding if not r.done]
+        if finished:  # _finish took them out of self.decoding
             self._pack()
 
     def _finish(
@@ -450,16 +444,3 @@ class Engine:
                         raise RuntimeError(f"row {req.row} holding KV would move up to {target}")
                     self.kv.move(req.row, target, req.filled)
                 req.row = target
-
-
-def _slot_bytes(model: Llama, r_max: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one adapter slot takes: A and B at rank r_max in `dtype`, DoRA's gain and the scale in
-    float32, over every projection."""
-    from graftlm.lora.model import projections
-
-    size = torch.finfo(dtype).bits // 8
-    total = 0
-    for _, _, proj in projections(model):
-        out_f, in_f = proj.weight.shape
-        total += size * r_max * (in_f + out_f) + 4 * (out_f + 1)
-    return total

@@ -49,7 +49,7 @@ class AdapterBatch:
     strategy: str = "auto"
     seq_len: int = 1  # tokens per row in the forward this batch is for (decode: 1)
     token_level: bool = False  # slots name every token of a [1, T] input (packed prompts), not rows
-    _tokens: dict[int, tuple[WorkItems, torch.Tensor | None]] = field(default_factory=dict, repr=False)
+    _tokens: dict[tuple[int, int], tuple[WorkItems, torch.Tensor | None]] = field(default_factory=dict, repr=False)
     _groups: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = field(default=None, repr=False)
     _runs: list[tuple[int, int, int]] | bool | None = field(default=None, repr=False)
 
@@ -100,7 +100,7 @@ class AdapterBatch:
     def per_token(self, k: int, seq_len: int) -> tuple[WorkItems, torch.Tensor | None]:
         """Column k for the kernel: the tokens of a [B, seq_len] input grouped by slot, and each token's
         weight (computed once per forward, shared by every projection)."""
-        key = k * 1_000_000 + seq_len
+        key = (k, seq_len)
         if key not in self._tokens:
             idx = self.slots[:, k].repeat_interleave(seq_len)
             w = None if self.weights is None else self.weights[:, k].repeat_interleave(seq_len).contiguous()

@@ -51,9 +51,6 @@ class Adapter:
     def name(self) -> str:
         return self.path.name if self.path else "<in memory>"
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
-
     def modules(self) -> set[str]:
         return {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in self.tensors}
 
@@ -209,7 +206,7 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
         log.warning("%s; loading anyway (forced)", msg)
     c = model.config
     shapes = _proj_shapes(model)
-    for key in adapter.tensors:
+    for key, t in adapter.tensors.items():
         m = _KEY.match(key)
         assert m is not None  # checked by read_adapter
         layer, target, kind = int(m.group(1)), m.group(3), m.group(4)
@@ -221,8 +218,8 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
         out_f, in_f = shapes[path]
         r, _ = adapter.config.rank_alpha(path)
         want = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r), "lora_magnitude_vector": (out_f,)}[kind]
-        if adapter.shape(key) != want:
-            raise AdapterError(f"adapter {adapter.name}: {key} has shape {adapter.shape(key)}, this base needs {want}")
+        if tuple(t.shape) != want:
+            raise AdapterError(f"adapter {adapter.name}: {key} has shape {tuple(t.shape)}, this base needs {want}")
 
 
 _SHAPES: weakref.WeakKeyDictionary[Llama, dict[str, tuple[int, int]]] = weakref.WeakKeyDictionary()

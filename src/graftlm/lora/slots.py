@@ -10,6 +10,7 @@ import torch
 
 from graftlm.lora.batched import MultiLoRALinear
 from graftlm.lora.config import AdapterError
+from graftlm.lora.layer import base_weight
 from graftlm.lora.model import PEFT_PREFIX, module_path, parent, projections
 from graftlm.lora.peft_io import Adapter, check_fits
 from graftlm.model.llama import Llama
@@ -31,6 +32,17 @@ class AdapterSlots:
             setattr(parent(model, i, t), t, layer)
             self.layers[module_path(i, t)] = layer
         self.held: list[str | None] = [None] * n_slots  # adapter name per slot
+
+    @staticmethod
+    def slot_bytes(model: Llama, r_max: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one slot takes (before any is allocated): A and B at rank r_max in `dtype`, plus the
+        float32 scale and DoRA gain, over every projection."""
+        size = torch.finfo(dtype).bits // 8
+        total = 0
+        for _, _, proj in projections(model):
+            out_f, in_f = base_weight(getattr(proj, "base", proj)).shape
+            total += size * r_max * (in_f + out_f) + 4 * (out_f + 1)
+        return total
 
     def load(self, slot: int, adapter: Adapter, force: bool = False, checked: bool = False) -> None:
         """Put `adapter` into `slot` (replacing what was there), after checking it fits the base

@@ -225,17 +225,16 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def _respond(
         body: Sampling, request: Request, prompts: list[list[int]], max_tokens: int | None, json_mode: bool, chat: bool
     ) -> Any:
+        jobs: list = []
         try:
             adapters = server.adapters_for(body)
             stop = body.stops()
-            jobs = []
             for p_i, prompt in enumerate(prompts):
                 for k in range(body.n):
                     params = server.params(body, max_tokens, k, stop)
                     jobs.append((p_i * body.n + k, prompt, server.submit(prompt, params, adapters, json_mode)))
         except Exception as e:
-            for _, _, (req, _) in locals().get("jobs", []):
-                req.cancel()
+            _cancel(jobs)
             raise _as_api_error(e) from e
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -244,7 +243,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return await _complete(body, request, jobs, rid, created, chat)
 
     async def _complete(body: Sampling, request: Request, jobs: list, rid: str, created: int, chat: bool) -> Any:
-        choices, completion_tokens = [], 0
+        choices = []
         try:
             for index, _, (req, q) in jobs:
                 text, reason = "", None
@@ -254,28 +253,20 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                         raise _as_api_error(out.error)
                     text += out.delta
                     reason = out.finish_reason
-                completion_tokens += len(req.token_ids)
                 if chat:
                     message = {"role": "assistant", "content": text}
                     choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
                 else:
                     choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
         finally:
-            for _, _, (req, _) in jobs:
-                req.cancel()
-        prompt_tokens = sum(len(p) for _, p, _ in jobs[:: body.n])  # each distinct prompt once
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+            _cancel(jobs)
         return {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": body.model,
             "choices": choices,
-            "usage": usage,
+            "usage": _usage(jobs, body.n),
         }
 
     async def _stream(body: Sampling, request: Request, jobs: list, rid: str, created: int, chat: bool) -> Any:
@@ -292,8 +283,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         # the first event decides the status: an error before any token is a plain JSON error
         first = await merged.get()
         if first[1].error is not None:
-            for _, _, (req, _) in jobs:
-                req.cancel()
+            _cancel(jobs)
             for t in tasks:
                 t.cancel()
             raise _as_api_error(first[1].error)
@@ -329,25 +319,31 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     if out.finish_reason is not None:
                         pending -= 1
                 if body.stream_options is not None and body.stream_options.include_usage:
-                    prompt_tokens = sum(len(p) for _, p, _ in jobs[:: body.n])
-                    completion = sum(len(req.token_ids) for _, _, (req, _) in jobs)
-                    usage = {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion,
-                        "total_tokens": prompt_tokens + completion,
-                    }
+                    usage = _usage(jobs, body.n)
                     data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": []}
                     yield f"data: {json.dumps({**data, 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects mid-stream: free the rows
-                for _, _, (req, _) in jobs:
-                    req.cancel()
+                _cancel(jobs)
                 for t in tasks:
                     t.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _cancel(jobs: list) -> None:
+    """Free the rows of a response's requests (a no-op for the finished ones)."""
+    for _, _, (req, _) in jobs:
+        req.cancel()
+
+
+def _usage(jobs: list, n: int) -> dict[str, int]:
+    """OpenAI's usage block: each distinct prompt counted once (jobs hold n choices per prompt)."""
+    prompt_tokens = sum(len(p) for _, p, _ in jobs[::n])
+    completion = sum(len(req.token_ids) for _, _, (req, _) in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 async def _next(q: asyncio.Queue[Output], request: Request, req: Any) -> Output:
