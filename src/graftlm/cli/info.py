@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 from rich.console import Console
@@ -33,7 +34,8 @@ def describe(name: str) -> dict[str, object]:
     model, tok, source = catalog.load(name)
     c = model.config
     params = model.num_parameters()
-    unique = {id(p): p for p in model.parameters()}.values()
+    tensors = itertools.chain(model.parameters(), model.buffers())  # buffers: palettized indices and tables
+    unique = {id(t): t for t in tensors}.values()
     origin_bytes = (
         source.origin.stat().st_size
         if source.origin.is_file()
@@ -53,7 +55,8 @@ def describe(name: str) -> dict[str, object]:
         "rope": f"theta {c.rope_theta:g}, scaling {c.rope_scaling.rope_type}",
         "tied_embeddings": c.tie_word_embeddings,
         "parameters": params,
-        "weights_in_memory_mib": round(sum(p.nbytes for p in unique) / 2**20, 1),
+        "weights_in_memory_mib": round(sum(t.nbytes for t in unique) / 2**20, 1),
+        "bits_per_weight": round(8 * sum(t.nbytes for t in unique) / params, 3),
         "origin_file_mib": round(origin_bytes / 2**20, 1),
         "chat_template": bool(tok.chat_template),
         "loaded_from": str(source.origin),

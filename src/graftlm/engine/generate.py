@@ -86,7 +86,7 @@ class Generator:
         width = max(lengths)
         budget = [min(sp.max_new_tokens, self.context_window - n) for sp, n in zip(per_row, lengths, strict=True)]
         total = width + max(budget)
-        device = self.model.embed_tokens.weight.device
+        device = self.model.device
 
         tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
         valid = torch.zeros((b, total), dtype=torch.bool, device=device)
@@ -95,7 +95,7 @@ class Generator:
             valid[i, width - len(p) :] = True
         pad = torch.tensor([width - n for n in lengths], device=device)
         positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [B, S]
-        cache = KVCache(self.model.config, b, total, self.model.embed_tokens.weight.dtype, device)
+        cache = KVCache(self.model.config, b, total, self.model.dtype, device)
         rows = [Decoding(sp, self.tokenizer, self.stop_ids, n, device) for sp, n in zip(per_row, budget, strict=True)]
         done = [False] * b
 

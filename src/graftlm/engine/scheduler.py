@@ -104,7 +104,7 @@ class Engine:
         force: bool = False,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self.max_len = min(config.max_len, model.config.max_position_embeddings)
@@ -114,7 +114,7 @@ class Engine:
         self.slots = AdapterSlots(model, n_slots, config.max_rank, dtype)
         self.cache = AdapterCache(self.slots, adapters_dir, force)
         self.cache.on_change = self._wake
-        self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.embed_tokens.weight.dtype, self.device)
+        self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.dtype, self.device)
         self._incoming: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
         self.decoding: list[Request] = []

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.lora.bgmv import WorkItems, bgmv, kernel
-from graftlm.lora.layer import base_weight
+from graftlm.lora.layer import base_device, base_shape, base_weight
 
 STRATEGIES = ("auto", "kernel", "gather", "grouped", "reference")
 # Measured here (2 threads, 135M model, rank 16, decode at batch 32): the kernel adds 8 ms per step when
@@ -140,14 +140,14 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, n_slots: int, r_max: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        w = base_weight(base)
-        out_f, in_f = w.shape
+        out_f, in_f = base_shape(base)
+        dev = base_device(base)
         self.base = base
         self.r_max = r_max
-        self.register_buffer("A", torch.zeros(n_slots, r_max, in_f, device=w.device, dtype=dtype), persistent=False)
-        self.register_buffer("B", torch.zeros(n_slots, r_max, out_f, device=w.device, dtype=dtype), persistent=False)
-        self.register_buffer("scale", torch.ones(n_slots, device=w.device), persistent=False)
-        self.register_buffer("gain", torch.ones(n_slots, out_f, device=w.device), persistent=False)
+        self.register_buffer("A", torch.zeros(n_slots, r_max, in_f, device=dev, dtype=dtype), persistent=False)
+        self.register_buffer("B", torch.zeros(n_slots, r_max, out_f, device=dev, dtype=dtype), persistent=False)
+        self.register_buffer("scale", torch.ones(n_slots, device=dev), persistent=False)
+        self.register_buffer("gain", torch.ones(n_slots, out_f, device=dev), persistent=False)
         self.active = [False] * n_slots  # does slot s hold weights for this projection?
         self.dora = [False] * n_slots  # does slot s rescale rows (gain != 1)?
         self.scales = [1.0] * n_slots  # `scale` as Python floats, for GEMM alphas

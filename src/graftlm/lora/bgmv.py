@@ -4,27 +4,20 @@ Every token n reads its own adapter's A [in, r] and B [r, out] straight from the
 no gathered copy and one call per projection (PyTorch ops need a copy of every row's matrices, or a
 dozen small matmuls per distinct adapter, and both cost more than the adapters themselves here).
 
-The C source below is compiled on first use with the system C compiler (`cc -O3 -march=native
--fopenmp`) into graftlm's cache and called through ctypes. Without a compiler, or with
-GRAFTLM_NO_KERNEL=1, `kernel()` returns None and the PyTorch paths in `batched.py` are used.
+The C source below is compiled on first use (`graftlm.native`) and called through ctypes. Without a
+compiler, or with GRAFTLM_NO_KERNEL=1, `kernel()` returns None and the PyTorch paths in `batched.py`
+are used.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from graftlm.native import compile_library
 
 SOURCE = r"""
 #include <stdint.h>
@@ -76,10 +69,6 @@ BGMV(bgmv_bf16, uint16_t, from_bf16)
 BGMV(bgmv_f32, float, from_f32)
 """
 
-# reassociation lets the compiler vectorize the dot products of x with A's rows (the sums then differ
-# from a sequential loop in the last bits only)
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-CFLAGS += ["-shared", "-fPIC", "-std=c11"]
 MAX_RANK = 64  # the kernel keeps x·A in stack buffers of 64 floats per token
 GROUP = 8  # tokens per work item: they run back to back on one thread, sharing one read of their adapter
 
@@ -119,28 +108,9 @@ class WorkItems:
 @cache
 def kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (no compiler, failed build, or GRAFTLM_NO_KERNEL=1)."""
-    if os.environ.get("GRAFTLM_NO_KERNEL"):
+    dll = compile_library("bgmv", SOURCE)
+    if dll is None:
         return None
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        log.warning("no C compiler found: multi-adapter decoding uses the slower PyTorch path")
-        return None
-    from graftlm.model.catalog import cache_root
-
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256((SOURCE + " ".join(CFLAGS) + version).encode()).hexdigest()[:16]
-    lib = cache_root() / "kernels" / f"bgmv-{key}.so"
-    if not lib.is_file():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            src, out = Path(tmp) / "bgmv.c", Path(tmp) / "bgmv.so"
-            src.write_text(SOURCE)
-            done = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                log.warning("compiling the BGMV kernel failed; using the PyTorch path:\n%s", done.stderr[-2000:])
-                return None
-            os.replace(out, lib)
-    dll = ctypes.CDLL(str(lib))
     for fn in (dll.bgmv_bf16, dll.bgmv_f32):
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int]

@@ -7,6 +7,7 @@ the norm treated as a constant in the backward pass (section 4.3 of the paper), 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -20,6 +21,15 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return dense() if callable(dense) else base.weight
 
 
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """[out, in] of a base projection, without dequantizing it."""
+    return base.out_features, base.in_features
+
+
+def base_device(base: nn.Module) -> torch.device:
+    return next(itertools.chain(base.parameters(), base.buffers())).device
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,
@@ -30,13 +40,13 @@ class LoRALinear(nn.Module):
         use_dora: bool = False,
     ):
         super().__init__()
-        w = base_weight(base)
-        out_features, in_features = w.shape
+        out_features, in_features = base_shape(base)
+        device = base_device(base)
         self.base = base
         self.r, self.scale = r, scale
         # adapters are trained and computed in float32 whatever the base dtype
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=w.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=w.device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init: B = 0, so delta = 0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.magnitude: nn.Parameter | None = None

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from graftlm.fileio import atomic_dir
 from graftlm.lora.config import TARGETS, AdapterError, LoraConfig
-from graftlm.lora.layer import base_weight
+from graftlm.lora.layer import base_shape
 from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state, module_path, projections
 from graftlm.model.llama import Llama
 
@@ -228,10 +228,7 @@ _SHAPES: weakref.WeakKeyDictionary[Llama, dict[str, tuple[int, int]]] = weakref.
 def _proj_shapes(model: Llama) -> dict[str, tuple[int, int]]:
     """[out, in] of every projection by module path (computed once per model: cold loads check often)."""
     if model not in _SHAPES:
-        _SHAPES[model] = {
-            module_path(i, t): tuple(base_weight(getattr(p, "base", p)).shape)  # type: ignore[misc]
-            for i, t, p in projections(model)
-        }
+        _SHAPES[model] = {module_path(i, t): base_shape(getattr(p, "base", p)) for i, t, p in projections(model)}
     return _SHAPES[model]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from graftlm.lora.batched import MultiLoRALinear
 from graftlm.lora.config import AdapterError
-from graftlm.lora.layer import base_weight
+from graftlm.lora.layer import base_shape
 from graftlm.lora.model import PEFT_PREFIX, module_path, parent, projections
 from graftlm.lora.peft_io import Adapter, check_fits
 from graftlm.model.llama import Llama
@@ -40,7 +40,7 @@ class AdapterSlots:
         size = torch.finfo(dtype).bits // 8
         total = 0
         for _, _, proj in projections(model):
-            out_f, in_f = base_weight(getattr(proj, "base", proj)).shape
+            out_f, in_f = base_shape(getattr(proj, "base", proj))
             total += size * r_max * (in_f + out_f) + 4 * (out_f + 1)
         return total
 

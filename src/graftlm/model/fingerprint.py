@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 import torch
@@ -12,17 +13,20 @@ from torch import nn
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 of every base weight (float32 bytes, in name order), ignoring adapter parameters.
 
-    Names are normalised so that wrapping a projection (LoRA's `.base`) does not change the result.
+    Palettized weights count by their packed indices and tables (buffers `packed` and `tables`). Names
+    are normalised so that wrapping a projection (LoRA's `.base`) does not change the result.
     """
     h = hashlib.sha256()
     seen: set[int] = set()
     named = []
-    for name, p in model.named_parameters(remove_duplicate=False):
+    palettes = (kv for kv in model.named_buffers(remove_duplicate=False) if kv[0].endswith((".packed", ".tables")))
+    for name, p in itertools.chain(model.named_parameters(remove_duplicate=False), palettes):
         if "lora_" in name or name.endswith("magnitude") or id(p) in seen:
             continue
         seen.add(id(p))
         named.append((name.replace(".base.", "."), p))
     for name, p in sorted(named, key=lambda kv: kv[0]):
         h.update(f"{name}:{tuple(p.shape)};".encode())
-        h.update(np.ascontiguousarray(p.detach().to("cpu", torch.float32).numpy()).tobytes())
+        t = p.detach().to("cpu", torch.float32 if p.is_floating_point() else p.dtype)
+        h.update(np.ascontiguousarray(t.numpy()).tobytes())
     return h.hexdigest()

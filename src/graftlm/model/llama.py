@@ -145,15 +145,32 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.tie_head()
         self.rotary = RotaryTable(config)
         self._fingerprint: str | None = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Keep the rotary tables (plain tensors, not buffers) on the model's device but in float32.
         super()._apply(fn, recurse)
-        self.rotary.to(self.embed_tokens.weight.device)
+        self.rotary.to(self.device)
         return self
+
+    def tie_head(self) -> None:
+        """Make the output head share the embedding's weight (or its palettized indices and tables)."""
+        shared = getattr(self.embed_tokens, "lut", None)
+        if shared is not None:
+            self.lm_head = shared
+        else:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in (that of the norms; palettized weights are dequantized to it)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(
         self,
@@ -194,7 +211,7 @@ class Llama(nn.Module):
             mask, is_causal = attn_mask, False
         else:
             mask, is_causal = attention_mask(key_valid, start, s, tokens.device)
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.dtype
         if adapters is not None and not adapters.any:
             adapters = None
         ctx = ForwardContext(cos.to(dtype), sin.to(dtype), cache, start, mask, is_causal, adapters)
@@ -214,4 +231,7 @@ class Llama(nn.Module):
         return self._fingerprint
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        """Parameters of the model as trained: a palettized weight counts its [out, in] values."""
+        dense = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        packed = {id(m): m for m in self.modules() if hasattr(m, "num_weights")}
+        return dense + sum(m.num_weights for m in packed.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +18,9 @@ from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# A palettized checkpoint (graftlm.quant.checkpoint) names its palettized weights in this file.
+LAYOUT_FILE = "palettization.json"
 
 # Keys that older checkpoints carry but that we derive ourselves.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -65,17 +68,24 @@ def build_model(
     tensors: Iterator[tuple[str, torch.Tensor]],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    prepare: Callable[[Llama], None] | None = None,
 ) -> Llama:
-    """A `Llama` whose parameters are exactly `tensors` (HF key names), checked for missing and misfit keys."""
+    """A `Llama` whose parameters are exactly `tensors` (HF key names), checked for missing and misfit keys.
+
+    prepare: changes the empty (meta) model first, e.g. swaps in palettized layers whose buffers the
+    tensors then fill; buffers keep their own dtype, parameters take `dtype`.
+    """
     with torch.device("meta"):
         model = Llama(config)
-    expected = {k: p for k, p in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        if prepare is not None:
+            prepare(model)
+    tied = config.tie_word_embeddings
+    expected = {k: p for k, p in model.state_dict().items() if not (tied and k.startswith("lm_head."))}
+    params = {k for k, _ in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for hf_key, t in tensors:
         key = hf_to_ours(hf_key)
-        if key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+        if key.endswith(IGNORED_SUFFIXES) or (tied and key.startswith("lm_head.")):
             continue
         if key not in expected:
             raise CorruptModelError(f"unexpected tensor {hf_key!r} for a {config.model_type} model")
@@ -83,24 +93,22 @@ def build_model(
             raise CorruptModelError(
                 f"tensor {hf_key!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[key].shape)}"
             )
-        state[key] = t.to(device=device, dtype=dtype)
+        state[key] = t.to(device=device, dtype=dtype if key in params else expected[key].dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(ours_to_hf(k) for k in missing[:5])
         raise CorruptModelError(f"checkpoint is missing {len(missing)} tensors: {shown}")
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    if tied:
+        model.tie_head()
     model.rotary.to(device)
     return model.eval()
 
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face key names (tied lm_head left out)."""
-    state = {ours_to_hf(k): v for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    return state
+    tied = model.config.tie_word_embeddings
+    return {ours_to_hf(k): v for k, v in model.state_dict().items() if not (tied and k.startswith("lm_head."))}
 
 
 def load_checkpoint(
@@ -110,7 +118,12 @@ def load_checkpoint(
     if not (path / "config.json").exists():
         raise CorruptModelError(f"{path} is not a checkpoint directory: it has no config.json")
     config = LlamaConfig.from_file(path / "config.json")
-    model = build_model(config, read_tensors(path), dtype, device)
+    prepare = None
+    if (path / LAYOUT_FILE).exists():
+        from graftlm.quant.checkpoint import read_layout
+
+        prepare = read_layout(path).prepare(dtype)
+    model = build_model(config, read_tensors(path), dtype, device, prepare)
     tokenizer = Tokenizer.from_dir(path)
     log.debug("loaded %s: %d layers, %.1fM parameters", path, config.num_hidden_layers, model.num_parameters() / 1e6)
     return model, tokenizer

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graftlm.lora.layer import base_weight
 from graftlm.model.llama import Llama
 from graftlm.train.data import Batch
 
@@ -64,6 +65,7 @@ def completion_loss(model: Llama, batch: Batch) -> tuple[torch.Tensor, int]:
     pick = batch.targets[:, 1:]  # token s+1 is predicted from position s
     hs = h[:, :-1][pick]  # [N, hidden]: only where a target is scored
     labels = batch.tokens[:, 1:][pick]
-    if model.lm_head.weight.requires_grad or model.lm_head.bias is not None:
+    head = base_weight(model.lm_head)  # dequantized when the head is palettized
+    if head.requires_grad or model.lm_head.bias is not None:
         return plain_loss(model, hs, labels), int(pick.sum())
-    return ChunkedLinearCrossEntropy.apply(model.norm(hs), model.lm_head.weight, labels), int(pick.sum())
+    return ChunkedLinearCrossEntropy.apply(model.norm(hs), head, labels), int(pick.sum())

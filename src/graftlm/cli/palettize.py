@@ -1,0 +1,121 @@
+"""`graftlm palettize`: compress a model to k-means lookup tables at a target average bits per weight."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from graftlm.eval.perplexity import text_chunks
+from graftlm.model.catalog import load
+from graftlm.model.load_hf import LAYOUT_FILE
+from graftlm.quant.checkpoint import save_palettized
+from graftlm.quant.pack import BITS
+from graftlm.quant.palettize import WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
+from graftlm.quant.plan import Plan
+from graftlm.quant.sensitivity import CalibrationError, measure
+from graftlm.train.synthetic import self_generated
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "palettize",
+        help="compress a model with k-means lookup tables (mixed 2-8 bits)",
+        description=(
+            "Replace every projection and the embedding by indices into small k-means lookup tables (one "
+            "table per group of output rows, float16), choosing each weight's width from --choices so that "
+            "the whole model averages --bits bits per weight with the least estimated loss. Sensitivities "
+            "come from calibration text: --calib files, or text the model writes itself. The output is a "
+            "checkpoint directory every graftlm command loads."
+        ),
+    )
+    p.add_argument("model", help="model to compress: catalog name, checkpoint directory or .gguf file")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the palettized model to")
+    p.add_argument("--bits", type=float, default=3.5, help="target average bits per weight, 2-8 (default: 3.5)")
+    p.add_argument(
+        "--choices",
+        default=",".join(map(str, BITS)),
+        help=f"bit widths a weight may get, comma-separated (default: {','.join(map(str, BITS))}; "
+        "one width gives a uniform model)",
+    )
+    p.add_argument("--group-size", type=int, default=16, help="output rows per table; 0: one per tensor (default 16)")
+    p.add_argument(
+        "--weighting", choices=WEIGHTINGS, default="activation", help="what weights k-means (default: activation)"
+    )
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
+    g.add_argument("--calib-samples", type=int, default=32, help="self-written samples without --calib (default 32)")
+    g.add_argument("--calib-length", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the self-written calibration text")
+    p.set_defaults(run=run)
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        choices = tuple(sorted({int(c) for c in args.choices.split(",") if c.strip()}))
+    except ValueError as e:
+        raise PalettizeError(f"--choices must be bit widths separated by commas, got {args.choices!r}") from e
+    config = PalettizeConfig(args.bits, choices, args.group_size, args.weighting)
+    model, tokenizer, source = load(args.model)
+    if (source.checkpoint / LAYOUT_FILE).exists():
+        raise PalettizeError(f"{args.model} is already palettized; palettize the uncompressed model instead")
+    t0 = time.perf_counter()
+    source_fingerprint = model.fingerprint()
+    sensitivity = None
+    if config.needs_calibration:
+        if args.calib:
+            texts = [f.read_text(encoding="utf-8") for f in args.calib]
+            sequences = text_chunks(tokenizer, texts, args.calib_length)
+            origin = ", ".join(map(str, args.calib))
+        else:
+            with _bar() as bar:
+                task = bar.add_task("the model writes calibration text", total=args.calib_samples)
+                sequences = self_generated(
+                    model, tokenizer, args.calib_samples, args.calib_length, args.seed, lambda n: bar.advance(task, n)
+                )
+            origin = f"{args.calib_samples} self-written samples, seed {args.seed}"
+        if not sequences:
+            raise CalibrationError("the calibration text is empty")
+        with _bar() as bar:
+            task = bar.add_task("measuring sensitivity", total=len(sequences))
+            sensitivity = measure(model, sequences, lambda: bar.advance(task))
+        log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
+    with _bar() as bar:
+        task = bar.add_task("k-means tables", total=candidates(model))
+        plan, record = palettize(model, config, sensitivity, lambda _: bar.advance(task))
+    record["source"] = {"model": args.model, "fingerprint": source_fingerprint}
+    save_palettized(args.out, model, tokenizer, record)
+    _report(plan, record, args.out, time.perf_counter() - t0)
+    return 0
+
+
+def _report(plan: Plan, record: dict[str, Any], out: Path, seconds: float) -> None:
+    console = Console()
+    table = Table(title="palettization plan (error: relative squared error of the weight)")
+    for col in ("tensor", "bits", "rel. error"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    for row in record["plan"]:
+        table.add_row(str(row["tensor"]), str(row["bits"]), f"{row['rel_error']:.4f}")
+    console.print(table)
+    counts = Counter(o.bits for o in plan.choice.values())
+    mix = ", ".join(f"{n} at {b} bits" for b, n in sorted(counts.items()))
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    console.print(
+        f"{plan.bits_per_weight:.3f} bits per weight (target {record['target_bits']}; {mix}); "
+        f"{size / 2**20:.1f} MB in {out}; {seconds:.0f} s"
+    )

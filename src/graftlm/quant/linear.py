@@ -1,0 +1,98 @@
+"""Modules that compute with palettized weights: a linear layer and an embedding that can share it.
+
+They hold the packed indices and float16 tables as buffers (what is on disk is what is in memory) and
+dequantize on the fly: one row at a time inside the fused kernel for a single input row (decoding), the
+whole weight once per call for more rows (prefill, training), then the BLAS matmul. Their call is the
+call of the module they replace, so LoRA wraps them as it wraps `nn.Linear` (`base_weight` uses
+`dense_weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.quant import lut
+from graftlm.quant.pack import row_bytes, unpack
+from graftlm.quant.palette import Palette, n_groups, row_groups
+
+
+class PalettizedLinear(nn.Module):
+    def __init__(self, palette: Palette, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.bits, self.group_size = palette.bits, palette.group_size
+        self.out_features, self.in_features = palette.shape
+        self.register_buffer("packed", palette.packed)  # [out, row_bytes] uint8
+        self.register_buffer("tables", palette.tables)  # [groups, 2^bits] float16
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def empty(
+        cls, shape: tuple[int, int], bits: int, group_size: int, bias: bool = False, device: str = "meta"
+    ) -> PalettizedLinear:
+        """A layer of the right shapes to load a state dict into."""
+        out, inn = shape
+        packed = torch.empty(out, row_bytes(inn, bits), dtype=torch.uint8, device=device)
+        tables = torch.empty(n_groups(out, group_size), 1 << bits, dtype=torch.float16, device=device)
+        return cls(Palette(packed, tables, bits, group_size, inn), torch.empty(out, device=device) if bias else None)
+
+    @property
+    def palette(self) -> Palette:
+        return Palette(self.packed, self.tables, self.bits, self.group_size, self.in_features)
+
+    @property
+    def num_weights(self) -> int:
+        return self.out_features * self.in_features
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and lut.usable(x, self.packed)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows `ids` (any shape) -> [*ids.shape, in] float32: the embedding lookup."""
+        flat = ids.reshape(-1)
+        if lut.usable(self.packed, flat):
+            out = lut.dequant(self.packed, self.tables.float(), self.bits, self.group_size, self.in_features, flat)
+        else:
+            idx = unpack(self.packed[flat], self.bits, self.in_features)  # [n, in]
+            groups = row_groups(self.out_features, self.group_size, flat.device)[flat]
+            out = self.tables.float()[groups[:, None], idx]
+        return out.view(*ids.shape, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized [out, in] float32 weight."""
+        if lut.usable(self.packed):
+            return lut.dequant(self.packed, self.tables.float(), self.bits, self.group_size, self.in_features)
+        return self.palette.dense().to(self.packed.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        fused = x2.shape[0] <= lut.FUSED_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
+        if fused and self._kernel_ok(x2):
+            y = lut.matmul(x2.contiguous(), self.packed, self.tables.float(), self.bits, self.group_size)
+            if self.bias is not None:
+                y += self.bias
+        else:
+            y = F.linear(x2, self.dense_weight().to(x.dtype), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = "tensor" if self.group_size == 0 else f"{self.group_size} rows"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, table per {group}"
+
+
+class PalettizedEmbedding(nn.Module):
+    """An embedding whose table is a palettized [vocab, hidden] weight; with tied embeddings the same
+    `PalettizedLinear` is the output head, so input and output share one set of indices and tables."""
+
+    def __init__(self, lut_layer: PalettizedLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.lut = lut_layer
+        self.dtype = dtype
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.lut.out_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lut.rows(tokens).to(self.dtype)

@@ -1,0 +1,101 @@
+"""How much each weight matters, measured on calibration text.
+
+- Fisher: the diagonal of the empirical Fisher information, Σ (∂loss/∂w)² over calibration sequences.
+  Σ F·(W − Q)² approximates the loss a quantization Q of W adds (a second-order Taylor expansion with the
+  Fisher standing in for the Hessian), so it both weights k-means (SqueezeLLM, Kim et al., 2024) and
+  compares tensors with one another when the mixed-bit plan chooses their widths.
+- Activation: the mean square of each input feature, E[x_j²] (the importance matrix of llama.cpp): the
+  output error of a linear layer is Σ_j E[x_j²]·(W − Q)_ij² when features are uncorrelated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.errors import GraftlmError
+from graftlm.model.llama import Llama
+from graftlm.quant.model import EMBED, HEAD, dense_weights
+
+# fewer calibration tokens than this cannot tell tensors apart reliably
+MIN_TOKENS = 1024
+
+
+class CalibrationError(GraftlmError):
+    """Calibration text that cannot estimate sensitivity (too short, empty)."""
+
+
+@dataclass
+class Sensitivity:
+    fisher: dict[str, torch.Tensor]  # [out, in] per palettizable weight
+    activation: dict[str, torch.Tensor]  # [in]: E[x²] of the weight's input features
+    tokens: int  # calibration tokens scored
+
+
+def check_calibration(sequences: Sequence[Sequence[int]]) -> int:
+    tokens = sum(max(0, len(s) - 1) for s in sequences)
+    if tokens < MIN_TOKENS:
+        raise CalibrationError(
+            f"calibration text too short to estimate sensitivity: {tokens} scored tokens, need at least "
+            f"{MIN_TOKENS} (give more text, or let the model write its own)"
+        )
+    return tokens
+
+
+def measure(
+    model: Llama, sequences: Sequence[Sequence[int]], on_sequence: Callable[[], None] | None = None
+) -> Sensitivity:
+    """Fisher diagonal and input-feature statistics of every palettizable weight, one sequence at a time."""
+    tokens = check_calibration(sequences)
+    weights = dict(dense_weights(model))
+    saved = {name: w.requires_grad for name, w in weights.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    act = {name: torch.zeros(w.shape[1], dtype=torch.float64, device=w.device) for name, w in weights.items()}
+    hooks = _activation_hooks(model, act)
+    try:
+        for seq in sequences:
+            ids = torch.tensor([list(seq)], device=model.device)
+            logits = model(ids)
+            loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            for name, w in weights.items():
+                if w.grad is not None:
+                    fisher[name] += w.grad.float().square()
+            if on_sequence is not None:
+                on_sequence()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        for name, w in weights.items():
+            w.requires_grad_(saved[name])
+    n = sum(len(s) for s in sequences)
+    stats = {k: (v if k == EMBED and not model.config.tie_word_embeddings else v / n).float() for k, v in act.items()}
+    return Sensitivity(fisher, stats, tokens)
+
+
+def _activation_hooks(model: Llama, act: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that add Σ x_j² of each weight's inputs into `act` (a tied embedding: the head's input; an
+    untied one is looked up, not multiplied, and keeps uniform statistics)."""
+    hooks = []
+    for name in act:
+        if name == EMBED and not model.config.tie_word_embeddings:
+            act[name] += 1.0
+            continue
+        module: nn.Module = model.get_submodule(HEAD if name == EMBED else name)
+
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+            x = args[0].detach()
+            act[name] += x.reshape(-1, x.shape[-1]).double().square().sum(0)
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    return hooks

@@ -1,0 +1,89 @@
+import itertools
+
+import pytest
+import torch
+
+from graftlm.quant import lut
+from graftlm.quant.kmeans import kmeans
+from graftlm.quant.pack import BITS
+from graftlm.quant.palette import Palette
+
+
+def lookup_reference(p: Palette) -> torch.Tensor:
+    """Dequantize with plain Python loops: row r, column c -> tables[group of r][index]."""
+    idx = p.indices().tolist()
+    out = torch.empty(p.shape)
+    for r, c in itertools.product(range(p.shape[0]), range(p.shape[1])):
+        g = 0 if p.group_size == 0 else r // p.group_size
+        out[r, c] = float(p.tables[g, idx[r][c]])
+    return out
+
+
+@pytest.mark.parametrize(("bits", "group"), [(2, 16), (3, 4), (4, 16), (6, 0), (8, 5)])
+def test_dequantized_weight_equals_the_table_lookup(bits: int, group: int) -> None:
+    w = torch.randn(37, 11, generator=torch.Generator().manual_seed(bits))
+    p = Palette.of(w, bits, group)
+    ref = lookup_reference(p)
+    assert torch.equal(p.dense(), ref)
+    assert p.tables.dtype == torch.float16 and p.tables.shape[1] == 1 << bits
+    if lut.kernel() is not None:
+        assert torch.equal(lut.dequant(p.packed, p.tables.float(), bits, group, 11), ref)
+        rows = torch.tensor([36, 0, 17])
+        assert torch.equal(lut.dequant(p.packed, p.tables.float(), bits, group, 11, rows), ref[rows])
+
+
+def test_four_bits_are_lossless_for_sixteen_distinct_values() -> None:
+    values = torch.linspace(-1, 1, 16).half().float()  # representable in the float16 tables
+    w = values[torch.randint(0, 16, (48, 40), generator=torch.Generator().manual_seed(0))]
+    for group in (16, 0):
+        assert torch.equal(Palette.of(w, 4, group).dense(), w)
+
+
+def test_more_bits_give_less_error() -> None:
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    errors = [float((Palette.of(w, b).dense() - w).square().mean()) for b in BITS]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 1e-3 * float(w.square().mean())
+
+
+def optimal_1d(values: list[float], weights: list[float], k: int) -> float:
+    """The least weighted squared error of any k clusters (dynamic programming over sorted values)."""
+    pairs = sorted(zip(values, weights, strict=True))
+    n = len(pairs)
+    sw, swv, swv2 = [0.0], [0.0], [0.0]  # prefix sums make one cluster's cost O(1)
+    for v, w in pairs:
+        sw.append(sw[-1] + w)
+        swv.append(swv[-1] + w * v)
+        swv2.append(swv2[-1] + w * v * v)
+
+    def cost(i: int, j: int) -> float:  # one cluster for pairs[i:j]
+        m, s = sw[j] - sw[i], swv[j] - swv[i]
+        return swv2[j] - swv2[i] - s * s / m
+
+    best = [[float("inf")] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for c in range(1, k + 1):
+        for j in range(1, n + 1):
+            best[c][j] = min(best[c - 1][i] + cost(i, j) for i in range(j))
+    return best[k][n]
+
+
+def test_weighted_kmeans_is_near_the_optimum() -> None:
+    # weight matrices are bell-shaped; Lloyd's algorithm from weighted quantiles lands near the optimum
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(3, 300, generator=g)
+    w = torch.rand(3, 300, generator=g) + 0.1  # uneven importance
+    cents, assign = kmeans(v, 4, w)
+    for row in range(3):
+        err = float((w[row] * (v[row] - cents[row, assign[row]]) ** 2).sum())
+        best = optimal_1d(v[row].tolist(), w[row].tolist(), 4)
+        assert best - 1e-4 <= err <= 1.02 * best
+
+
+def test_importance_pulls_the_table_towards_important_values() -> None:
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    imp = torch.ones(64)
+    imp[:4] = 1000.0  # four input features matter much more
+    plain, weighted = Palette.of(w, 2, 16), Palette.of(w, 2, 16, imp)
+    err = lambda p: float((p.dense() - w)[:, :4].square().sum())  # noqa: E731
+    assert err(weighted) < err(plain)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from graftlm.cli.main import main
+from graftlm.eval.perplexity import text_chunks
+from graftlm.model.load_hf import load_checkpoint
+from graftlm.quant.palettize import PalettizeConfig, PalettizeError, palettize
+from graftlm.quant.plan import Option, allocate
+from graftlm.quant.sensitivity import CalibrationError, Sensitivity, measure
+from tests.conftest import CORPUS
+
+
+def synthetic_options(n: int = 40) -> tuple[dict[str, list[Option]], int]:
+    g = torch.Generator().manual_seed(0)
+    options, total = {}, 0
+    for i in range(n):
+        size = int(torch.randint(1_000, 50_000, (1,), generator=g))
+        sens = float(torch.rand(1, generator=g)) * 10
+        total += size
+        options[f"w{i}"] = [
+            Option(b, size * b + 16 * (1 << b), sens * size * 4.0**-b, 4.0**-b) for b in (2, 3, 4, 6, 8)
+        ]
+    return options, total
+
+
+@pytest.mark.parametrize("target", [2.2, 2.5, 3.0, 3.5, 4.0, 5.25, 7.0])
+def test_plans_hit_their_target_within_a_twentieth_of_a_bit(target: float) -> None:
+    options, n = synthetic_options()
+    plan = allocate(options, fixed_bits=1000, n_weights=n, target=target)
+    assert target - 0.05 <= plan.bits_per_weight <= target
+
+
+def test_the_plan_gives_sensitive_weights_more_bits() -> None:
+    options, n = synthetic_options()
+    plan = allocate(options, 0, n, 3.5)
+    sens = {k: v[0].error / v[0].storage_bits for k, v in options.items()}  # error per bit at 2 bits
+    bits = [plan.choice[k].bits for k in sorted(sens, key=sens.get)]
+    assert sum(bits[-10:]) > sum(bits[:10])
+
+
+def test_an_unreachable_target_is_refused() -> None:
+    options, n = synthetic_options()
+    with pytest.raises(ValueError, match="cannot reach 2"):
+        allocate(options, fixed_bits=n, n_weights=n, target=2.0)  # the fixed tensors alone take 1 bit
+
+
+def _sensitivity(model, tokenizer) -> Sensitivity:  # type: ignore[no-untyped-def]
+    return measure(model, text_chunks(tokenizer, CORPUS * 3, 64))
+
+
+def test_palettize_reaches_its_target_counting_everything(tiny_dir: Path, tmp_path: Path) -> None:
+    model, tok = load_checkpoint(tiny_dir)
+    plan, record = palettize(model, PalettizeConfig(bits=3.5), _sensitivity(model, tok))
+    assert 3.45 <= plan.bits_per_weight <= 3.5
+    # count again from what the model holds: packed indices, float16 tables, float32 norms
+    held = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    assert sum(8 * t.nbytes for t in held) / model.num_parameters() == pytest.approx(plan.bits_per_weight)
+    assert len({row["bits"] for row in record["plan"]}) > 1
+
+
+def test_bad_requests_get_clear_errors(tiny_dir: Path) -> None:
+    for bits in (1.5, 8.5):
+        with pytest.raises(PalettizeError, match="between 2 and 8"):
+            PalettizeConfig(bits=bits)
+    with pytest.raises(PalettizeError, match="among"):
+        PalettizeConfig(choices=(5,))
+    model, tok = load_checkpoint(tiny_dir)
+    with pytest.raises(CalibrationError, match="too short"):
+        measure(model, [tok.encode("a short text")])
+    with pytest.raises(CalibrationError, match="needs calibration"):
+        palettize(model, PalettizeConfig())
+    palettize(model, PalettizeConfig(bits=4, choices=(4,), weighting="none"))
+    with pytest.raises(PalettizeError, match="already palettized"):
+        palettize(model, PalettizeConfig(bits=4, choices=(4,), weighting="none"))
+
+
+def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(CORPUS * 3))
+    out = tmp_path / "pal"
+    assert main(["palettize", str(tiny_dir), "--out", str(out), "--calib", str(calib), "--calib-length", "64"]) == 0
+    layout = json.loads((out / "palettization.json").read_text())
+    assert abs(layout["bits_per_weight"] - 3.5) <= 0.05 and len(layout["plan"]) == len(layout["weights"])
+    assert main(["generate", "-m", str(out), "--raw", "-n", "4", "The quick"]) == 0
+    assert main(["palettize", str(out), "--out", str(tmp_path / "again")]) == 2  # already palettized
+    assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
