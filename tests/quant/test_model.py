@@ -28,7 +28,9 @@ def palettized_pair(tiny_dir: Path) -> tuple[Llama, Llama]:
     pal, _ = load_checkpoint(tiny_dir)
     ref, _ = load_checkpoint(tiny_dir)
     widths = [2, 3, 4, 6, 8]
-    palettes = {n: Palette.of(w, widths[i % 5], 16) for i, (n, w) in enumerate(dense_weights(pal))}
+    palettes = {
+        n: Palette.of(w, widths[i % 5], 16, row_scale=i % 2 == 0) for i, (n, w) in enumerate(dense_weights(pal))
+    }
     apply_palettes(pal, palettes)
     with torch.no_grad():
         for name, w in dense_weights(ref):

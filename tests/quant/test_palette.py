@@ -15,21 +15,28 @@ def lookup_reference(p: Palette) -> torch.Tensor:
     out = torch.empty(p.shape)
     for r, c in itertools.product(range(p.shape[0]), range(p.shape[1])):
         g = 0 if p.group_size == 0 else r // p.group_size
-        out[r, c] = float(p.tables[g, idx[r][c]])
+        scale = 1.0 if p.scales is None else float(p.scales[r])
+        out[r, c] = float(p.tables[g, idx[r][c]]) * scale
     return out
 
 
-@pytest.mark.parametrize(("bits", "group"), [(2, 16), (3, 4), (4, 16), (6, 0), (8, 5)])
-def test_dequantized_weight_equals_the_table_lookup(bits: int, group: int) -> None:
+@pytest.mark.parametrize(
+    ("bits", "group", "row_scale"), [(2, 16, True), (3, 4, False), (4, 16, True), (6, 0, False), (8, 5, True)]
+)
+def test_dequantized_weight_equals_the_table_lookup(bits: int, group: int, row_scale: bool) -> None:
     w = torch.randn(37, 11, generator=torch.Generator().manual_seed(bits))
-    p = Palette.of(w, bits, group)
+    p = Palette.of(w, bits, group, row_scale=row_scale)
     ref = lookup_reference(p)
     assert torch.equal(p.dense(), ref)
     assert p.tables.dtype == torch.float16 and p.tables.shape[1] == 1 << bits
+    assert (p.scales is not None) == row_scale
     if lut.kernel() is not None:
-        assert torch.equal(lut.dequant(p.packed, p.tables.float(), bits, group, 11), ref)
+        scales = None if p.scales is None else p.scales.float()
+        assert torch.equal(lut.dequant(p.packed, p.tables.float(), scales, bits, group, 11), ref)
         rows = torch.tensor([36, 0, 17])
-        assert torch.equal(lut.dequant(p.packed, p.tables.float(), bits, group, 11, rows), ref[rows])
+        assert torch.equal(lut.dequant(p.packed, p.tables.float(), scales, bits, group, 11, rows), ref[rows])
+        x = torch.randn(3, 11, generator=torch.Generator().manual_seed(9))
+        assert torch.allclose(lut.matmul(x, p.packed, p.tables.float(), scales, bits, group), x @ ref.T, atol=1e-5)
 
 
 def test_four_bits_are_lossless_for_sixteen_distinct_values() -> None:
@@ -37,6 +44,12 @@ def test_four_bits_are_lossless_for_sixteen_distinct_values() -> None:
     w = values[torch.randint(0, 16, (48, 40), generator=torch.Generator().manual_seed(0))]
     for group in (16, 0):
         assert torch.equal(Palette.of(w, 4, group).dense(), w)
+
+
+def test_row_scales_help_rows_of_different_sizes() -> None:
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)) * torch.logspace(-2, 0, 16)[:, None]
+    rel = lambda p: float(((p.dense() - w).square().sum(1) / w.square().sum(1)).max())  # noqa: E731
+    assert rel(Palette.of(w, 3, 16, row_scale=True)) < 0.1 < rel(Palette.of(w, 3, 16))
 
 
 def test_more_bits_give_less_error() -> None:

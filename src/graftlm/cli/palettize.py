@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weighting", choices=WEIGHTINGS, default="activation", help="what weights k-means (default: activation)"
     )
+    p.add_argument(
+        "--no-row-scale",
+        dest="row_scale",
+        action="store_false",
+        help="no float16 scale per output row (rows of a group then share one table as they are)",
+    )
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
     g.add_argument("--calib-samples", type=int, default=32, help="self-written samples without --calib (default 32)")
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         choices = tuple(sorted({int(c) for c in args.choices.split(",") if c.strip()}))
     except ValueError as e:
         raise PalettizeError(f"--choices must be bit widths separated by commas, got {args.choices!r}") from e
-    config = PalettizeConfig(args.bits, choices, args.group_size, args.weighting)
+    config = PalettizeConfig(args.bits, choices, args.group_size, args.weighting, args.row_scale)
     model, tokenizer, source = load(args.model)
     if (source.checkpoint / LAYOUT_FILE).exists():
         raise PalettizeError(f"{args.model} is already palettized; palettize the uncompressed model instead")

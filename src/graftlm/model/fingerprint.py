@@ -13,13 +13,14 @@ from torch import nn
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 of every base weight (float32 bytes, in name order), ignoring adapter parameters.
 
-    Palettized weights count by their packed indices and tables (buffers `packed` and `tables`). Names
+    Palettized weights count by their packed indices, tables and row scales (their buffers). Names
     are normalised so that wrapping a projection (LoRA's `.base`) does not change the result.
     """
     h = hashlib.sha256()
     seen: set[int] = set()
     named = []
-    palettes = (kv for kv in model.named_buffers(remove_duplicate=False) if kv[0].endswith((".packed", ".tables")))
+    buffers = model.named_buffers(remove_duplicate=False)
+    palettes = (kv for kv in buffers if kv[0].endswith((".packed", ".tables", ".scales")))
     for name, p in itertools.chain(model.named_parameters(remove_duplicate=False), palettes):
         if "lora_" in name or name.endswith("magnitude") or id(p) in seen:
             continue

@@ -32,6 +32,7 @@ class WeightLayout:
     bits: int
     group_size: int
     shape: tuple[int, int]
+    row_scale: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Layout:
             for name, w in self.weights.items():
                 old = model.get_submodule(name)
                 bias = getattr(old, "bias", None) is not None
-                layer = PalettizedLinear.empty(w.shape, w.bits, w.group_size, bias=bias)
+                layer = PalettizedLinear.empty(w.shape, w.bits, w.group_size, w.row_scale, bias)
                 if name == EMBED:
                     model.embed_tokens = PalettizedEmbedding(layer, dtype)
                     continue
@@ -57,7 +58,8 @@ class Layout:
 
     def to_json(self) -> dict[str, Any]:
         weights = {
-            k: {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape)} for k, w in self.weights.items()
+            k: {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape), "row_scale": w.row_scale}
+            for k, w in self.weights.items()
         }
         return {"format": FORMAT, "version": VERSION, "weights": weights, **self.record}
 
@@ -69,7 +71,12 @@ def read_layout(path: Path) -> Layout:
         if raw.get("format") != FORMAT or raw.get("version") != VERSION:
             raise ValueError(f"not a {FORMAT} layout, version {VERSION}")
         weights = {
-            k: WeightLayout(int(v["bits"]), int(v["group_size"]), (int(v["shape"][0]), int(v["shape"][1])))
+            k: WeightLayout(
+                int(v["bits"]),
+                int(v["group_size"]),
+                (int(v["shape"][0]), int(v["shape"][1])),
+                bool(v.get("row_scale", False)),
+            )
             for k, v in raw["weights"].items()
         }
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -80,7 +87,9 @@ def read_layout(path: Path) -> Layout:
 
 def layout_of(model: Llama, record: dict[str, Any]) -> Layout:
     weights = {
-        name: WeightLayout(layer.bits, layer.group_size, (layer.out_features, layer.in_features))
+        name: WeightLayout(
+            layer.bits, layer.group_size, (layer.out_features, layer.in_features), layer.scales is not None
+        )
         for name, layer in palettized_modules(model)
     }
     return Layout(weights, record)

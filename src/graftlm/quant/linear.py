@@ -25,21 +25,34 @@ class PalettizedLinear(nn.Module):
         self.out_features, self.in_features = palette.shape
         self.register_buffer("packed", palette.packed)  # [out, row_bytes] uint8
         self.register_buffer("tables", palette.tables)  # [groups, 2^bits] float16
+        self.scales: torch.Tensor | None
+        self.register_buffer("scales", palette.scales)  # [out] float16, or None (no row scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
     def empty(
-        cls, shape: tuple[int, int], bits: int, group_size: int, bias: bool = False, device: str = "meta"
+        cls,
+        shape: tuple[int, int],
+        bits: int,
+        group_size: int,
+        row_scale: bool = False,
+        bias: bool = False,
+        device: str = "meta",
     ) -> PalettizedLinear:
         """A layer of the right shapes to load a state dict into."""
         out, inn = shape
         packed = torch.empty(out, row_bytes(inn, bits), dtype=torch.uint8, device=device)
         tables = torch.empty(n_groups(out, group_size), 1 << bits, dtype=torch.float16, device=device)
-        return cls(Palette(packed, tables, bits, group_size, inn), torch.empty(out, device=device) if bias else None)
+        scales = torch.empty(out, dtype=torch.float16, device=device) if row_scale else None
+        palette = Palette(packed, tables, bits, group_size, inn, scales)
+        return cls(palette, torch.empty(out, device=device) if bias else None)
 
     @property
     def palette(self) -> Palette:
-        return Palette(self.packed, self.tables, self.bits, self.group_size, self.in_features)
+        return Palette(self.packed, self.tables, self.bits, self.group_size, self.in_features, self.scales)
+
+    def _scales32(self) -> torch.Tensor | None:
+        return None if self.scales is None else self.scales.float()
 
     @property
     def num_weights(self) -> int:
@@ -52,24 +65,29 @@ class PalettizedLinear(nn.Module):
         """Dequantized rows `ids` (any shape) -> [*ids.shape, in] float32: the embedding lookup."""
         flat = ids.reshape(-1)
         if lut.usable(self.packed, flat):
-            out = lut.dequant(self.packed, self.tables.float(), self.bits, self.group_size, self.in_features, flat)
+            t32 = self.tables.float()
+            out = lut.dequant(self.packed, t32, self._scales32(), self.bits, self.group_size, self.in_features, flat)
         else:
             idx = unpack(self.packed[flat], self.bits, self.in_features)  # [n, in]
             groups = row_groups(self.out_features, self.group_size, flat.device)[flat]
             out = self.tables.float()[groups[:, None], idx]
+            if self.scales is not None:
+                out = out * self.scales.float()[flat, None]
         return out.view(*ids.shape, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized [out, in] float32 weight."""
         if lut.usable(self.packed):
-            return lut.dequant(self.packed, self.tables.float(), self.bits, self.group_size, self.in_features)
+            t32 = self.tables.float()
+            return lut.dequant(self.packed, t32, self._scales32(), self.bits, self.group_size, self.in_features)
         return self.palette.dense().to(self.packed.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         fused = x2.shape[0] <= lut.FUSED_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
         if fused and self._kernel_ok(x2):
-            y = lut.matmul(x2.contiguous(), self.packed, self.tables.float(), self.bits, self.group_size)
+            t32 = self.tables.float()
+            y = lut.matmul(x2.contiguous(), self.packed, t32, self._scales32(), self.bits, self.group_size)
             if self.bias is not None:
                 y += self.bias
         else:

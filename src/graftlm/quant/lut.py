@@ -93,16 +93,19 @@ static decode_fn decoder(int bits) {
                     case 6: return decode_6; default: return decode_8; }
 }
 
-/* out[i, :] = tables[group(row_i)][indices of row_i], row_i = rows ? rows[i] : i.
-   packed [out_f, row_bytes] uint8, tables [groups, 2^bits] float32, out [n_rows, in_f] float32. */
-void lut_dequant(const uint8_t *packed, const float *tables, const int64_t *rows, float *out, int64_t n_rows,
-                 int64_t in_f, int64_t row_bytes, int bits, int64_t group_size, int n_threads) {
+/* out[i, :] = scale[row_i] * tables[group(row_i)][indices of row_i], row_i = rows ? rows[i] : i.
+   packed [out_f, row_bytes] uint8, tables [groups, 2^bits] float32, scales [out_f] float32 or NULL,
+   out [n_rows, in_f] float32. */
+void lut_dequant(const uint8_t *packed, const float *tables, const float *scales, const int64_t *rows, float *out,
+                 int64_t n_rows, int64_t in_f, int64_t row_bytes, int bits, int64_t group_size, int n_threads) {
     const decode_fn dec = decoder(bits);
     const int64_t k = 1 << bits;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t i = 0; i < n_rows; i++) {
         const int64_t r = rows ? rows[i] : i, g = group_size ? r / group_size : 0;
-        dec(packed + r * row_bytes, tables + g * k, out + i * in_f, in_f);
+        float *o = out + i * in_f;
+        dec(packed + r * row_bytes, tables + g * k, o, in_f);
+        if (scales) for (int64_t j = 0; j < in_f; j++) o[j] *= scales[r];
     }
 }
 
@@ -119,7 +122,7 @@ static inline float dot(const float *w, const float *x, int64_t in_f) {
 }
 
 /* y[n, o] = x[n, :] . W[o, :] for n < n_x (y is overwritten). x [n_x, in_f], y [n_x, out_f] float32. */
-void lut_matmul(const float *x, const uint8_t *packed, const float *tables, float *y, int64_t n_x,
+void lut_matmul(const float *x, const uint8_t *packed, const float *tables, const float *scales, float *y, int64_t n_x,
                 int64_t in_f, int64_t out_f, int64_t row_bytes, int bits, int64_t group_size, int n_threads) {
     const decode_fn dec = decoder(bits);
     const int64_t k = 1 << bits;
@@ -130,7 +133,8 @@ void lut_matmul(const float *x, const uint8_t *packed, const float *tables, floa
         for (int64_t o = 0; o < out_f; o++) {
             const int64_t g = group_size ? o / group_size : 0;
             dec(packed + o * row_bytes, tables + g * k, w, in_f);
-            for (int64_t n = 0; n < n_x; n++) y[n * out_f + o] = dot(w, x + n * in_f, in_f);
+            const float s = scales ? scales[o] : 1.f;
+            for (int64_t n = 0; n < n_x; n++) y[n * out_f + o] = s * dot(w, x + n * in_f, in_f);
         }
         free(w);
     }
@@ -144,15 +148,15 @@ def kernel() -> ctypes.CDLL | None:
     dll = compile_library("lut", SOURCE)
     if dll is None:
         return None
-    dll.lut_dequant.restype = None
-    dll.lut_dequant.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
-    )
-    dll.lut_matmul.restype = None
-    dll.lut_matmul.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
-    )
+    tail = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]  # bits, group_size, n_threads
+    dll.lut_dequant.restype = dll.lut_matmul.restype = None
+    dll.lut_dequant.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + tail  # packed tables scales rows out
+    dll.lut_matmul.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + tail  # x packed tables scales y
     return dll
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -161,11 +165,17 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def dequant(
-    packed: torch.Tensor, tables: torch.Tensor, bits: int, group_size: int, in_f: int, rows: torch.Tensor | None = None
+    packed: torch.Tensor,
+    tables: torch.Tensor,
+    scales: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_f: int,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[len(rows) or out, in_f] float32: the dequantized rows (all of them without `rows`).
 
-    packed [out, row_bytes] uint8; tables [groups, 2^bits] float32; rows int64.
+    packed [out, row_bytes] uint8; tables [groups, 2^bits] float32; scales [out] float32 or None; rows int64.
     """
     dll = kernel()
     assert dll is not None, "lut kernel not available"
@@ -173,21 +183,23 @@ def dequant(
     out = torch.empty(n, in_f, dtype=torch.float32)
     rows = None if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
     dll.lut_dequant(
-        packed.data_ptr(), tables.data_ptr(), None if rows is None else rows.data_ptr(), out.data_ptr(),
+        packed.data_ptr(), tables.data_ptr(), _ptr(scales), _ptr(rows), out.data_ptr(),
         n, in_f, packed.shape[1], bits, group_size, torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, tables: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """x [N, in] float32 @ Wᵀ -> [N, out] float32, W given by packed indices and float32 tables."""
+def matmul(
+    x: torch.Tensor, packed: torch.Tensor, tables: torch.Tensor, scales: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """x [N, in] float32 @ Wᵀ -> [N, out] float32, W given by packed indices, float32 tables and row scales."""
     dll = kernel()
     assert dll is not None, "lut kernel not available"
     n, in_f = x.shape
     out_f = packed.shape[0]
     y = torch.empty(n, out_f, dtype=torch.float32)
     dll.lut_matmul(
-        x.data_ptr(), packed.data_ptr(), tables.data_ptr(), y.data_ptr(),
+        x.data_ptr(), packed.data_ptr(), tables.data_ptr(), _ptr(scales), y.data_ptr(),
         n, in_f, out_f, packed.shape[1], bits, group_size, torch.get_num_threads(),
     )  # fmt: skip
     return y

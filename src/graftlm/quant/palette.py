@@ -4,6 +4,10 @@ This is Apple's and coremltools' grouped-channel palettization: the [out, in] we
 groups of `group_size` output channels, each group gets a table of 2^bits values found by k-means over its
 weights (optionally weighted by their sensitivity), and every weight is stored as the index of its
 nearest table entry. Tables are stored in float16.
+
+With `row_scale` each output row is first divided by its largest magnitude, and that scale (float16) is
+kept: W[r] = scale[r] · table[group(r)][index]. Rows of different sizes then share a table without the
+small ones losing all resolution (coremltools' per-channel scale); it costs 16 bits per row.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Palette:
     bits: int
     group_size: int  # output rows per table; the whole tensor shares one table when it is 0
     in_features: int
+    scales: torch.Tensor | None = None  # [out] float16, or None: no row scales
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -40,6 +45,8 @@ class Palette:
                 f"a {self.bits}-bit palette of {out} rows in groups of {self.group_size} has tables "
                 f"{list(want)}, got {list(self.tables.shape)}"
             )
+        if self.scales is not None and tuple(self.scales.shape) != (out,):
+            raise ValueError(f"row scales of a {out}-row palette have shape [{out}], not {list(self.scales.shape)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,8 +54,9 @@ class Palette:
 
     @property
     def storage_bits(self) -> int:
-        """Bits this weight takes on disk and in memory: packed indices plus tables."""
-        return self.packed.numel() * 8 + self.tables.numel() * 16
+        """Bits this weight takes on disk and in memory: packed indices, tables and row scales."""
+        scales = 0 if self.scales is None else self.scales.numel() * 16
+        return self.packed.numel() * 8 + self.tables.numel() * 16 + scales
 
     def indices(self) -> torch.Tensor:
         """[out, in] int64."""
@@ -60,12 +68,17 @@ class Palette:
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized [out, in] weight: each index looked up in its row's table (reference path)."""
-        tables = self.tables.to(dtype)
-        return tables[self.row_groups()[:, None], self.indices()]
+        w = self.tables.to(dtype)[self.row_groups()[:, None], self.indices()]
+        return w if self.scales is None else w * self.scales.to(dtype)[:, None]
 
     @classmethod
     def of(
-        cls, weight: torch.Tensor, bits: int, group_size: int = 16, importance: torch.Tensor | None = None
+        cls,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int = 16,
+        importance: torch.Tensor | None = None,
+        row_scale: bool = False,
     ) -> Palette:
         """Palettize an [out, in] weight; `importance` [out, in] or [in] weights each value's error."""
         check_bits(bits)
@@ -74,6 +87,12 @@ class Palette:
         w = weight.detach().float()
         out, inn = w.shape
         imp = None if importance is None else importance.float().expand(out, inn)
+        scales = None
+        if row_scale:
+            scales = w.abs().amax(1).clamp_min(1e-6).to(TABLE_DTYPE)
+            s = scales.float()[:, None]
+            w = w / s
+            imp = None if imp is None else imp * s.square()  # an error in w/s costs s² in w
         k = 1 << bits
         count_groups = n_groups(out, group_size)
         tables = torch.empty(count_groups, k, dtype=TABLE_DTYPE, device=w.device)
@@ -90,7 +109,7 @@ class Palette:
             tables[first : first + count] = stored.to(TABLE_DTYPE)
             # indices of the nearest *stored* (float16) entry, so a lookup gives the best value there is
             idx[rows] = nearest(vals, stored).view(-1, inn)
-        return cls(pack(idx, bits), tables, bits, group_size, inn)
+        return cls(pack(idx, bits), tables, bits, group_size, inn, scales)
 
 
 def row_groups(out: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -33,6 +33,7 @@ class PalettizeConfig:
     choices: tuple[int, ...] = BITS  # widths a weight may get
     group_size: int = 16  # output rows per table (0: one table per tensor)
     weighting: str = "activation"  # what weights k-means: activation | fisher | none (activation measured best)
+    row_scale: bool = True  # a float16 scale per output row (see `Palette`)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -77,7 +78,7 @@ def palettize(
         norm = float(w.square().sum())
         options[name] = []
         for bits in config.choices:
-            p = Palette.of(w, bits, config.group_size, importance)
+            p = Palette.of(w, bits, config.group_size, importance, config.row_scale)
             sq = (p.dense() - w).square()
             err = float((sq * cost).sum()) if cost is not None else float(sq.sum())
             options[name].append(Option(bits, p.storage_bits, err, float(sq.sum()) / max(norm, 1e-30)))
@@ -97,6 +98,7 @@ def palettize(
         "choices": list(config.choices),
         "group_size": config.group_size,
         "weighting": config.weighting,
+        "row_scale": config.row_scale,
         "calibration_tokens": 0 if sensitivity is None else sensitivity.tokens,
         "plan": plan.rows(),
     }

@@ -1,0 +1,126 @@
+"""Palettized models against the uncompressed one: perplexity, task scores, size, memory, decode speed.
+
+Peer: the uncompressed model (float32) it was made from. Variants: uniform 4-bit, uniform 2-bit and the
+3.5-bit mix (all with graftlm's defaults: 16-row tables, row scales, activation-weighted k-means,
+sensitivities from 32 self-written calibration samples). Every variant is measured in its own process,
+so resident memory is its own.
+
+    python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
+
+Held-out text: the Python Language Reference as shipped in CPython (`pydoc_data.topics`), written by
+the Python developers; calibration never sees it. Task scores: the base model zero-shot on the first
+`--task-limit` test examples of each example task (examples/*/test.jsonl). Built variants are cached
+under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("summarize", "proofread", "extract")
+VARIANTS = {"uniform 4-bit": ("4", "4"), "uniform 2-bit": ("2", "2"), "3.5-bit mix": ("3.5", "2,3,4,6,8")}
+
+
+def held_out_text() -> list[str]:
+    import pydoc_data.topics as topics
+
+    return [topics.topics[k] for k in sorted(topics.topics)]
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(model_name: str, tokens: int, task_limit: int) -> dict[str, float]:
+    """Everything for one model, in this process (run by the parent through `--measure`)."""
+    from graftlm.engine.generate import Generator
+    from graftlm.engine.sampling import SamplingParams
+    from graftlm.eval.perplexity import perplexity, text_chunks
+    from graftlm.eval.runner import Task, evaluate
+    from graftlm.model import catalog
+
+    model, tok, source = catalog.load(model_name)
+    out: dict[str, float] = {}
+    gen = Generator(model, tok)
+    prompt = tok.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    gen.generate([prompt], SamplingParams(max_new_tokens=4))  # warm-up
+    t0 = time.perf_counter()
+    gen.generate([prompt], params)
+    out["decode_tok_s"] = 64 / (time.perf_counter() - t0)
+    out["rss_mib"] = rss_mib()
+    out["ppl"] = perplexity(model, text_chunks(tok, held_out_text(), 512, tokens))
+    for task in TASKS:
+        data = ROOT / "examples" / task / "test.jsonl"
+        spec = Task.beside(data)
+        assert spec is not None
+        out[task] = evaluate(gen, data, spec, limit=task_limit, label=task).score
+    files = [f for f in source.checkpoint.iterdir() if f.suffix == ".safetensors"]
+    out["size_mib"] = sum(f.stat().st_size for f in files) / 2**20
+    out["bpw"] = 8 * sum(f.stat().st_size for f in files) / model.num_parameters()
+    layout = source.checkpoint / "palettization.json"
+    if layout.exists():
+        out["bpw"] = json.loads(layout.read_text())["bits_per_weight"]
+    return out
+
+
+def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
+    out = work / label.replace(" ", "-")
+    if not (out / "palettization.json").exists():
+        cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
+        subprocess.run([*cmd, "--choices", choices], check=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored (default 8192)")
+    p.add_argument("--task-limit", type=int, default=50, help="test examples per task (default 50)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path("/tmp/graftlm-bench-palettize"))
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.tokens, args.task_limit)))
+        return
+    models = {"uncompressed (float32)": args.model}
+    for label, (bits, choices) in VARIANTS.items():
+        models[label] = str(build(args.model, args.work, label, bits, choices))
+    rows = {}
+    for label, name in models.items():
+        cmd = [sys.executable, __file__, "--measure", name, "--tokens", str(args.tokens)]
+        cmd += ["--task-limit", str(args.task_limit), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
+        rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(label, rows[label], flush=True)
+    ref = rows["uncompressed (float32)"]
+    table = Table(title=f"{args.model}: palettized variants vs the uncompressed model")
+    for col in ("model", "bits/weight", "size MiB", "RSS MiB", "decode tok/s", "perplexity", "ppl ratio", *TASKS):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for label, r in rows.items():
+        scores = [f"{r[t]:.3f} ({r[t] / ref[t]:.0%})" if ref[t] else f"{r[t]:.3f}" for t in TASKS]
+        table.add_row(
+            label, f"{r['bpw']:.2f}", f"{r['size_mib']:.0f}", f"{r['rss_mib']:.0f}", f"{r['decode_tok_s']:.1f}",
+            f"{r['ppl']:.2f}", f"{r['ppl'] / ref['ppl']:.2f}x", *scores,
+        )  # fmt: skip
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
