@@ -87,5 +87,14 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     layout = json.loads((out / "palettization.json").read_text())
     assert abs(layout["bits_per_weight"] - 3.5) <= 0.05 and len(layout["plan"]) == len(layout["weights"])
     assert main(["generate", "-m", str(out), "--raw", "-n", "4", "The quick"]) == 0
+    data = tmp_path / "train.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in "ab"]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines * 4))
+    adapter = tmp_path / "adapter"
+    train = ["train", "-m", str(out), "--data", str(data), "--out", str(adapter), "--rank", "4", "--epochs", "1"]
+    assert main(train) == 0
+    record = json.loads((adapter / "training.json").read_text())
+    assert record["base_model"]["fingerprint"] == load_checkpoint(out)[0].fingerprint()  # the palettized base
+    assert main(["generate", "-m", str(out), "--adapter", str(adapter), "--raw", "-n", "4", "Say a"]) == 0
     assert main(["palettize", str(out), "--out", str(tmp_path / "again")]) == 2  # already palettized
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
