@@ -96,5 +96,10 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     record = json.loads((adapter / "training.json").read_text())
     assert record["base_model"]["fingerprint"] == load_checkpoint(out)[0].fingerprint()  # the palettized base
     assert main(["generate", "-m", str(out), "--adapter", str(adapter), "--raw", "-n", "4", "Say a"]) == 0
+    task = tmp_path / "task"
+    assert (
+        main([*train[:6], str(task), "--init-from", str(adapter), "--epochs", "1"]) == 0
+    )  # as from a recovery adapter
+    assert json.loads((task / "training.json").read_text())["init_from"]["path"] == str(adapter)
     assert main(["palettize", str(out), "--out", str(tmp_path / "again")]) == 2  # already palettized
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2

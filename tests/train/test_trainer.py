@@ -111,3 +111,21 @@ def test_bad_training_settings_are_refused() -> None:
     for bad in ({"lr": 0}, {"batch_size": 0}, {"warmup": 1.5}, {"epochs": 0}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_task_adapter_can_start_from_another_adapter(tiny_dir: Path, data: Path) -> None:
+    from graftlm.lora.config import AdapterError
+    from tests.lora.helpers import random_adapter
+
+    start = random_adapter(tiny_dir, LoraConfig(r=4, alpha=8, targets=("q_proj", "down_proj")), seed=5)
+    model, tok = load_checkpoint(tiny_dir)
+    trainer = Trainer(model, start.config, TrainConfig(max_steps=2, lr=1e-3), tok.eos_id or 0, init=start)
+    before = lora_state_dict(model)
+    assert before.keys() == start.tensors.keys()
+    assert all(torch.equal(before[k], start.tensors[k]) for k in before)
+    examples = load_examples(data, tok, 64)
+    trainer.run(examples)
+    after = lora_state_dict(model)
+    assert any(not torch.equal(after[k], start.tensors[k]) for k in after)  # trained on from there
+    with pytest.raises(AdapterError, match="takes its settings"):
+        Trainer(load_checkpoint(tiny_dir)[0], LoraConfig(r=8), TrainConfig(), 0, init=start)

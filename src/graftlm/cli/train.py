@@ -34,6 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. adapters/NAME)")
     add_model(p, runtime=False)
     g = p.add_argument_group("adapter")
+    g.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="ADAPTER",
+        help="start from this adapter's weights and settings, e.g. a palettized base's recovery adapter "
+        "(the rank, target and layer options are then taken from it)",
+    )
     g.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
@@ -92,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
     )
     data = DataSpec(args.data, args.valid, args.on_long, chat=not args.raw)
-    train_adapter(args.model, data, args.out, lora, config, resume=args.resume, storage_dtype=args.storage_dtype)
+    train_adapter(args.model, data, args.out, lora, config, args.resume, args.storage_dtype, init_from=args.init_from)
     return 0

@@ -14,7 +14,7 @@ from graftlm import __version__
 from graftlm.fileio import file_sha256
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
-from graftlm.lora.peft_io import save_adapter
+from graftlm.lora.peft_io import read_adapter, save_adapter
 from graftlm.model import catalog
 from graftlm.train.data import load_examples
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
@@ -44,7 +44,10 @@ def train_adapter(
     config: TrainConfig,
     resume: bool = False,
     storage_dtype: str = "bfloat16",
+    init_from: Path | None = None,
 ) -> TrainResult:
+    """Train and write one adapter; with `init_from` it starts from that adapter's weights and settings
+    (`lora` is then ignored)."""
     model, tok, source = catalog.load(model_name)
     train = load_examples(data.train, tok, config.max_length, data.on_long, data.chat)
     valid = load_examples(data.valid, tok, config.max_length, data.on_long, data.chat) if data.valid else None
@@ -56,7 +59,11 @@ def train_adapter(
     )
     fingerprint = model.fingerprint()
     pad = tok.eos_id if tok.eos_id is not None else 0
-    trainer = Trainer(model, lora, config, pad, checkpoint_dir(out))
+    init = read_adapter(init_from) if init_from is not None else None
+    if init is not None:
+        lora = init.config
+        log.info("starting from %s (rank %d)", init_from, init.config.r)
+    trainer = Trainer(model, lora, config, pad, checkpoint_dir(out), init)
     result = trainer.run(train, valid, resume=resume)
     record = {
         "graftlm_version": __version__,
@@ -72,6 +79,11 @@ def train_adapter(
             "chat": data.chat,
         },
         "config": trainer.config_record(),
+        "init_from": (
+            {"path": str(init_from), "sha256": file_sha256(init_from / "adapter_model.safetensors")}
+            if init_from is not None
+            else None
+        ),
         "metrics": {
             "steps": result.steps,
             "train_loss": result.train_loss,

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from graftlm.lora.config import LoraConfig
-from graftlm.lora.model import add_lora, lora_layers
+from graftlm.lora.config import AdapterError, LoraConfig
+from graftlm.lora.model import add_lora, load_lora_state, lora_layers
+from graftlm.lora.peft_io import Adapter, check_fits
 from graftlm.model.llama import Llama
 from graftlm.train import checkpoint
 from graftlm.train.data import Example, bucketed_batches, collate
@@ -84,12 +85,25 @@ class TrainResult:
 
 class Trainer:
     def __init__(
-        self, model: Llama, lora: LoraConfig, config: TrainConfig, pad_id: int, checkpoint_dir: Path | None = None
+        self,
+        model: Llama,
+        lora: LoraConfig,
+        config: TrainConfig,
+        pad_id: int,
+        checkpoint_dir: Path | None = None,
+        init: Adapter | None = None,
     ):
+        """init: an adapter to start from (its weights; `lora` must be its settings), e.g. the recovery
+        adapter of a palettized base, which the new adapter then carries with it."""
         self.model, self.lora, self.config, self.pad_id = model, lora, config, pad_id
         self.checkpoint_dir = checkpoint_dir
         torch.manual_seed(config.seed)  # LoRA init and dropout: same seed, same adapter
         add_lora(model, lora)
+        if init is not None:
+            if init.config != lora:
+                raise AdapterError(f"{init.path}: a task adapter started from it takes its settings ({init.config})")
+            check_fits(init, model)
+            load_lora_state(model, init.tensors)
         self.params = {
             f"{path}.{name}": p
             for path, layer in lora_layers(model)
