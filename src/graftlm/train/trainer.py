@@ -19,7 +19,7 @@ from graftlm.lora.model import add_lora, load_lora_state, lora_layers
 from graftlm.lora.peft_io import Adapter, check_fits
 from graftlm.model.llama import Llama
 from graftlm.train import checkpoint
-from graftlm.train.data import Example, bucketed_batches, collate
+from graftlm.train.data import Batch, Example, bucketed_batches, collate
 from graftlm.train.losses import completion_loss
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,12 @@ class Trainer:
         pad_id: int,
         checkpoint_dir: Path | None = None,
         init: Adapter | None = None,
+        loss: Callable[[Llama, Batch], tuple[torch.Tensor, int]] = completion_loss,
     ):
         """init: an adapter to start from (its weights; `lora` must be its settings), e.g. the recovery
-        adapter of a palettized base, which the new adapter then carries with it."""
+        adapter of a palettized base, which the new adapter then carries with it. loss: summed loss of a
+        batch and its target count (default: completion cross-entropy; distillation passes its KL)."""
+        self.loss = loss
         self.model, self.lora, self.config, self.pad_id = model, lora, config, pad_id
         self.checkpoint_dir = checkpoint_dir
         torch.manual_seed(config.seed)  # LoRA init and dropout: same seed, same adapter
@@ -138,7 +141,7 @@ class Trainer:
                 n_targets = sum(int(b.targets[:, 1:].sum()) for b in micro)
                 loss_sum = 0.0
                 for b in micro:
-                    loss, _ = completion_loss(self.model, b)
+                    loss, _ = self.loss(self.model, b)
                     (loss / n_targets).backward()
                     loss_sum += float(loss.detach())
                     state["tokens"] += b.n_tokens
