@@ -1,14 +1,15 @@
 """Palettized models against the uncompressed one: perplexity, task scores, size, memory, decode speed.
 
 Peer: the uncompressed model (float32) it was made from. Variants: uniform 4-bit, uniform 2-bit and the
-3.5-bit mix (all with graftlm's defaults: 16-row tables, row scales, activation-weighted k-means,
-sensitivities from 32 self-written calibration samples). Every variant is measured in its own process,
-so resident memory is its own.
+3.5-bit mix, with and without its recovery adapter (graftlm's defaults throughout: 16-row tables, row
+scales, activation-weighted k-means, sensitivities from 32 self-written calibration samples; the
+recovery adapter is `graftlm recover` with its defaults, applied unmerged). Every variant is measured
+in its own process, so resident memory is its own.
 
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
 
 Held-out text: the Python Language Reference as shipped in CPython (`pydoc_data.topics`), written by
-the Python developers; calibration never sees it. Task scores: the base model zero-shot on the first
+the Python developers; calibration never sees it. Task scores: the model zero-shot on the first
 `--task-limit` test examples of each example task (examples/*/test.jsonl). Built variants are cached
 under --work.
 """
@@ -45,7 +46,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def measure(model_name: str, tokens: int, task_limit: int) -> dict[str, float]:
+def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None = None) -> dict[str, float]:
     """Everything for one model, in this process (run by the parent through `--measure`)."""
     from graftlm.engine.generate import Generator
     from graftlm.engine.sampling import SamplingParams
@@ -54,6 +55,10 @@ def measure(model_name: str, tokens: int, task_limit: int) -> dict[str, float]:
     from graftlm.model import catalog
 
     model, tok, source = catalog.load(model_name)
+    if adapter:  # the recovery adapter stays a LoRA layer over the palettized weights (not merged)
+        from graftlm.lora.peft_io import apply_adapter, read_adapter
+
+        apply_adapter(model, read_adapter(Path(adapter)))
     out: dict[str, float] = {}
     gen = Generator(model, tok)
     prompt = tok.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
@@ -70,7 +75,8 @@ def measure(model_name: str, tokens: int, task_limit: int) -> dict[str, float]:
         assert spec is not None
         out[task] = evaluate(gen, data, spec, limit=task_limit, label=task).score
     files = [f for f in source.checkpoint.iterdir() if f.suffix == ".safetensors"]
-    out["size_mib"] = sum(f.stat().st_size for f in files) / 2**20
+    extra = sum(f.stat().st_size for f in Path(adapter).glob("*.safetensors")) if adapter else 0
+    out["size_mib"] = (sum(f.stat().st_size for f in files) + extra) / 2**20
     out["bpw"] = 8 * sum(f.stat().st_size for f in files) / model.num_parameters()
     layout = source.checkpoint / "palettization.json"
     if layout.exists():
@@ -86,6 +92,14 @@ def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
     return out
 
 
+def recovery(model: str, student: str, work: Path) -> Path:
+    out = work / "recovery"
+    if not (out / "adapter_model.safetensors").exists():
+        cmd = [sys.executable, "-m", "graftlm.cli.main", "recover", "--teacher", model, "--student", student]
+        subprocess.run([*cmd, "--out", str(out)], check=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -94,17 +108,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/graftlm-bench-palettize"))
     p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--adapter", help=argparse.SUPPRESS)
+    p.add_argument("--no-recovery", action="store_true", help="skip training and measuring the recovery adapter")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.measure:
-        print(json.dumps(measure(args.measure, args.tokens, args.task_limit)))
+        print(json.dumps(measure(args.measure, args.tokens, args.task_limit, args.adapter)))
         return
-    models = {"uncompressed (float32)": args.model}
+    models: dict[str, tuple[str, str | None]] = {"uncompressed (float32)": (args.model, None)}
     for label, (bits, choices) in VARIANTS.items():
-        models[label] = str(build(args.model, args.work, label, bits, choices))
+        models[label] = (str(build(args.model, args.work, label, bits, choices)), None)
+    if not args.no_recovery:
+        mix = models["3.5-bit mix"][0]
+        models["3.5-bit mix + recovery"] = (mix, str(recovery(args.model, mix, args.work)))
     rows = {}
-    for label, name in models.items():
+    for label, (name, adapter) in models.items():
         cmd = [sys.executable, __file__, "--measure", name, "--tokens", str(args.tokens)]
+        cmd += ["--adapter", adapter] if adapter else []
         cmd += ["--task-limit", str(args.task_limit), "--threads", str(args.threads)]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
         rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
