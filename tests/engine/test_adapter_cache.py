@@ -95,9 +95,9 @@ def test_unload_frees_the_slot_and_the_weights(cache: AdapterCache) -> None:
     assert cache.unload("a0")
     assert layer.A[slot].abs().sum() == 0 and slot in cache.free
     # nothing of a loaded adapter's host tensors outlives its load
-    a = read_adapter(cache.directory / "a1")
+    a = read_adapter(cache.finder.root / "a1")
     ref = weakref.ref(a.tensors[next(iter(a.tensors))])
-    cache.load("a1", cache.directory / "a1")
+    cache.load("a1", cache.finder.root / "a1")
     del a
     cache.wait_ready("a1")
     gc.collect()

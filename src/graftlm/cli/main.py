@@ -10,12 +10,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from graftlm import __version__
-from graftlm.cli import chat, demo, evaluate, generate, info, merge, palettize, recover, serve, train
+from graftlm.cli import chat, demo, evaluate, generate, info, merge, palettize, recover, registry, serve, train
 from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
 
-COMMANDS = (generate, chat, train, evaluate, merge, palettize, recover, serve, info, demo)
+COMMANDS = (generate, chat, train, evaluate, merge, palettize, recover, registry, serve, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,9 +7,12 @@ import logging
 from pathlib import Path
 
 from graftlm.cli.options import DTYPES, add_model
+from graftlm.engine.adapter_finder import AdapterFinder
 from graftlm.engine.scheduler import Engine, EngineConfig
 from graftlm.errors import GraftlmError
 from graftlm.model import catalog
+from graftlm.registry import Registry
+from graftlm.registry.serving import RegistryFinder
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +23,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve the model and many adapters behind an OpenAI-compatible API",
         description=(
-            "Serve one base model and every adapter under --adapters over HTTP, OpenAI-style "
+            "Serve one base model and every adapter under --adapters (or in --registry) over HTTP, OpenAI-style "
             "(/v1/chat/completions, /v1/completions, /v1/models). A request's `model` names its adapter "
             "(`name`, `name@version`, or a mix `a+b`, `a:0.7+b:0.3`); the base model's name means none. "
             "Requests with different adapters run in one batch."
         ),
     )
     add_model(p, merge=False)
-    p.add_argument("--adapters", type=Path, default=None, metavar="DIR", help="folder of adapters, one per subfolder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--adapters", type=Path, default=None, metavar="DIR", help="folder of adapters, one per subfolder"
+    )
+    where.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="serve the adapters of this registry: NAME (its prod version), NAME@VERSION, NAME@ALIAS; "
+        "a moved alias is picked up by the next request, without a restart",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: the --model value)")
@@ -62,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     if args.adapters is not None and not args.adapters.is_dir():
         raise GraftlmError(f"--adapters {args.adapters} is not a directory")
+    finder: AdapterFinder | Path | None = args.adapters
+    if args.registry is not None:
+        finder = RegistryFinder(Registry(args.registry, create=False))
     model, tok, source = catalog.load(args.model, DTYPES[args.dtype], args.device)
     config = EngineConfig(
         max_batch=args.max_batch,
@@ -71,7 +88,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
         max_rank=args.max_rank,
         adapter_dtype=args.adapter_dtype,
     )
-    engine = Engine(model, tok, config, args.adapters, force=args.force)
+    engine = Engine(model, tok, config, finder, force=args.force)
     for name in args.pin:
         engine.cache.pin(name)
     return engine, args.name or source.name

@@ -1,8 +1,8 @@
 """The serving engine's adapters: found on disk, loaded on first use off the request path, kept in a
 cache bounded in bytes (the preallocated adapter slots), least recently used evicted first.
 
-On disk, `--adapters DIR` holds one folder per adapter in PEFT's format, either `DIR/name/` or with
-versions `DIR/name/VERSION/` (then `name` means the highest version and `name@VERSION` a given one).
+Adapters are found by name through an `AdapterFinder` (a folder of PEFT adapters, or the registry),
+or registered by path with `load`.
 
 Rules the engine relies on:
 - a cold adapter is read and installed by one loader thread; any number of requests waiting for it
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,29 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graftlm.engine.adapter_finder import NAME, AdapterFinder, AdapterFolder, Source, UnknownAdapterError
 from graftlm.errors import GraftlmError
 from graftlm.lora.config import AdapterError
-from graftlm.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE, Adapter, check_fits, open_adapter, read_adapter
+from graftlm.lora.peft_io import WEIGHTS_FILE, Adapter, check_fits, open_adapter, read_adapter
 from graftlm.lora.slots import AdapterSlots
 
 log = logging.getLogger(__name__)
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class UnknownAdapterError(GraftlmError):
-    """A request names an adapter that is not on disk or registered."""
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    version: str  # "" for an unversioned folder
-    path: Path
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.version}" if self.version else self.name
 
 
 @dataclass
@@ -85,18 +68,10 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _is_adapter(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file()
-
-
-def _version_order(v: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v))
-
-
 class AdapterCache:
-    def __init__(self, slots: AdapterSlots, directory: Path | None = None, force: bool = False):
+    def __init__(self, slots: AdapterSlots, finder: AdapterFinder | Path | None = None, force: bool = False):
         self.slots = slots
-        self.directory = directory
+        self.finder = AdapterFolder(finder) if isinstance(finder, Path) else finder
         self.force = force
         self.lock = threading.RLock()
         self.entries: dict[str, Entry] = {}  # key -> the current entry of that adapter version
@@ -109,42 +84,23 @@ class AdapterCache:
 
     # ---- names -------------------------------------------------------------------------------
     def resolve(self, ref: str) -> Source:
-        """`name` or `name@version` to the folder it names; unknown names raise UnknownAdapterError."""
+        """`name`, `name@version` (or whatever the finder allows) to the folder it names; an adapter
+        registered by `load` wins; unknown names raise UnknownAdapterError."""
         name, _, version = ref.partition("@")
-        if not NAME.match(name) or (version and not NAME.match(version)):
+        if not NAME.match(name):
             raise UnknownAdapterError(f"{ref!r} is not a valid adapter name")
         if name in self.registered:
             if version:
                 raise UnknownAdapterError(f"adapter {name} was loaded from a path and has no version {version!r}")
             return Source(name, "", self.registered[name])
-        folder = self.directory / name if self.directory else None
-        if folder is None or not folder.is_dir():
+        found = self.finder.resolve(ref) if self.finder is not None else None
+        if found is None:
             raise UnknownAdapterError(f"adapter {name!r} not found" + self._known_hint())
-        if _is_adapter(folder):
-            if version:
-                raise UnknownAdapterError(f"adapter {name} has no versions (asked for {version!r})")
-            return Source(name, "", folder)
-        versions = sorted((p.name for p in folder.iterdir() if _is_adapter(p)), key=_version_order)
-        if not versions:
-            raise UnknownAdapterError(f"adapter folder {folder} holds no {CONFIG_FILE}")
-        if version and version not in versions:
-            raise UnknownAdapterError(f"adapter {name} has no version {version!r} (has {', '.join(versions)})")
-        chosen = version or versions[-1]
-        return Source(name, chosen, folder / chosen)
+        return found
 
     def names(self) -> list[str]:
-        """Every adapter a request may name (versioned ones as name@version too)."""
-        found = set(self.registered)
-        if self.directory and self.directory.is_dir():
-            for d in self.directory.iterdir():
-                if not d.is_dir() or not NAME.match(d.name):
-                    continue
-                if _is_adapter(d):
-                    found.add(d.name)
-                else:
-                    vs = [v.name for v in d.iterdir() if _is_adapter(v)]
-                    found.update([d.name] + [f"{d.name}@{v}" for v in vs] if vs else [])
-        return sorted(found)
+        """Every adapter a request may name."""
+        return sorted(set(self.registered) | set(self.finder.names() if self.finder else ()))
 
     def _known_hint(self) -> str:
         names = self.names()

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from graftlm.engine.adapter_cache import AdapterCache, Entry, Source
+from graftlm.engine.adapter_cache import AdapterCache, Entry
+from graftlm.engine.adapter_finder import AdapterFinder, Source
 from graftlm.engine.json_mode import JsonConstraint, JsonVocab
 from graftlm.engine.kv_cache import RowKVCache
 from graftlm.engine.sampling import SamplingParams
@@ -100,7 +101,7 @@ class Engine:
         model: Llama,
         tokenizer: Tokenizer,
         config: EngineConfig = EngineConfig(),
-        adapters_dir: Path | None = None,
+        adapters: AdapterFinder | Path | None = None,
         force: bool = False,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -112,7 +113,7 @@ class Engine:
         slot_bytes = AdapterSlots.slot_bytes(model, config.max_rank, dtype)
         n_slots = max(1, int(config.adapter_cache_mb * 2**20 // slot_bytes))
         self.slots = AdapterSlots(model, n_slots, config.max_rank, dtype)
-        self.cache = AdapterCache(self.slots, adapters_dir, force)
+        self.cache = AdapterCache(self.slots, adapters, force)
         self.cache.on_change = self._wake
         self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.dtype, self.device)
         self._incoming: deque[Request] = deque()

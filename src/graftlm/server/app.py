@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from graftlm.engine.adapter_cache import Source, UnknownAdapterError
+from graftlm.engine.adapter_finder import Source, UnknownAdapterError
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.scheduler import Engine, EngineOverloadedError, Output
 from graftlm.errors import GraftlmError, PromptTooLongError

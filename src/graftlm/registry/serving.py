@@ -1,0 +1,34 @@
+"""The registry as the serving engine's adapter finder: `name`, `name@VERSION` and `name@ALIAS`.
+
+Every lookup reads the index, so when an alias moves the next request gets the new version (loaded
+into a free slot off the request path) while requests already running finish on the old one.
+"""
+
+from __future__ import annotations
+
+from graftlm.engine.adapter_finder import Source, UnknownAdapterError
+from graftlm.registry.records import Ref
+from graftlm.registry.store import Registry, RegistryError
+
+
+class RegistryFinder:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def resolve(self, ref: str) -> Source | None:
+        try:
+            r = Ref.parse(ref)
+        except RegistryError as e:
+            raise UnknownAdapterError(str(e)) from e
+        if r.name not in self.registry.names():
+            return None
+        try:
+            v = self.registry.resolve(r)
+        except RegistryError as e:
+            raise UnknownAdapterError(str(e)) from e
+        return Source(v.name, str(v.version), self.registry.checkout(v))
+
+    def names(self) -> list[str]:
+        found = set(self.registry.names())
+        found.update(f"{n}@{a}" for (n, a) in self.registry.aliases())
+        return sorted(found)
