@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,15 +13,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.lora.merge import load_merged
 from graftlm.lora.peft_io import WEIGHTS_FILE, save_adapter
-from graftlm.server.app import create_app
 from tests.engine.test_scheduler import make_engine
 from tests.lora.helpers import EIGHT, random_adapter
+from tests.server.helpers import serving
 
 BASE = "tiny-base"
 
@@ -43,21 +41,8 @@ def adapters_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, adapters_dir: Path) -> Iterator[tuple[str, object]]:
     engine = make_engine(tiny_dir, adapters_dir, max_batch=8, max_len=128, prefill_tokens=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(engine, BASE)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", backlog=2048)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
-    engine.stop()
+    with serving(engine, BASE) as url:
+        yield url, engine
 
 
 @pytest.fixture

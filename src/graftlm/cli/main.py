@@ -10,12 +10,25 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from graftlm import __version__
-from graftlm.cli import chat, demo, evaluate, generate, info, merge, palettize, recover, registry, serve, train
+from graftlm.cli import (
+    chat,
+    demo,
+    evaluate,
+    generate,
+    info,
+    merge,
+    palettize,
+    pipeline,
+    recover,
+    registry,
+    serve,
+    train,
+)
 from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
 
-COMMANDS = (generate, chat, train, evaluate, merge, palettize, recover, registry, serve, info, demo)
+COMMANDS = (generate, chat, train, evaluate, merge, palettize, recover, registry, pipeline, serve, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
