@@ -10,11 +10,12 @@ from pathlib import Path
 import openai
 import pytest
 
+from graftlm.cli.main import main
 from graftlm.engine.scheduler import Engine, EngineConfig
 from graftlm.model.load_hf import load_checkpoint
 from graftlm.pipeline.run import Pipeline, PipelineBusyError, run_lock
 from graftlm.pipeline.spec import load_spec
-from graftlm.pipeline.worker import Worker, queue_of, targets_for_path
+from graftlm.pipeline.worker import DataWatcher, Worker, queue_of, targets_for_path
 from graftlm.registry import Registry
 from graftlm.registry.serving import RegistryFinder
 from tests.conftest import write_tiny_checkpoint
@@ -39,8 +40,8 @@ data = "data/beta"
 """
 
 
-def write_task(root: Path, name: str, answer: str) -> None:
-    d = root / "data" / name
+def write_task(root: Path, name: str, answer: str, folder: Path | None = None) -> None:
+    d = folder or root / "data" / name
     d.mkdir(parents=True, exist_ok=True)
     ask = "Item {}: the quick brown fox"
     rows = [
@@ -62,7 +63,7 @@ def workspace(tmp_path: Path, tiny_dir: Path) -> Path:
 
 def chat(client: openai.OpenAI, model: str) -> str:
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Item 3: the quick brown fox"}], max_tokens=12
+        model=model, messages=[{"role": "user", "content": "Item 3: the quick brown fox"}], max_tokens=12, temperature=0
     )
     return r.choices[0].message.content or ""
 
@@ -183,3 +184,43 @@ def test_notify_and_worker(workspace: Path) -> None:
     assert done.state == "done" and [r["name"] for r in done.result] == ["beta"]
     assert done.result[0]["action"] == "trained"
     assert versions(Registry(spec.registry)) == {"beta": [1]}
+
+
+def test_watch_turns_data_changes_into_jobs(workspace: Path, tiny_dir: Path) -> None:
+    spec_path = workspace / "adapters.toml"
+    users = workspace / "users"
+    write_task(users, "ann", "hi ann", users / "ann")
+    spec_path.write_text(spec_path.read_text() + '[[template]]\nname = "reply-{user}"\ndata = "users/{user}"\n')
+    watcher = DataWatcher(spec_path)
+    assert watcher.poll() == []
+    write_task(workspace, "beta", "something new")
+    assert watcher.poll() == ["beta"]
+    write_task(users, "bob", "hi bob", users / "bob")
+    assert watcher.poll() == ["reply-bob"]  # a new user's folder: a new personal adapter
+    assert watcher.poll() == []
+
+
+def test_pipeline_cli(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = str(workspace / "adapters.toml")
+    assert main(["pipeline", "status", "--spec", spec]) == 0
+    assert "no version yet" in capsys.readouterr().out
+    assert main(["pipeline", "run", "--spec", spec, "--only", "beta", "--json", str(workspace / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "beta trained  version 1  score 1.0000 (base 0.0000, no prod)" in out and "gate passed" in out
+    assert json.loads((workspace / "r.json").read_text())[0]["prod_after"] == 1
+    assert main(["pipeline", "notify", "--spec", spec, "--path", str(workspace / "data" / "alpha")]) == 0
+    assert "queued job 1: alpha" in capsys.readouterr().out
+    assert main(["pipeline", "worker", "--spec", spec, "--once"]) == 0
+    assert main(["pipeline", "jobs", "--spec", spec]) == 0
+    assert "done" in capsys.readouterr().out
+    registry = ["--registry", str(workspace / "registry")]
+    assert main(["registry", "list", *registry]) == 0
+    assert main(["registry", "verify", *registry]) == 0
+    assert "2 versions checked: all good" in capsys.readouterr().out
+    assert main(["pipeline", "notify", "--spec", spec, "--adapter", "nope"]) == 2
+    assert "no adapter 'nope'" in capsys.readouterr().err
+    (workspace / "bad.toml").write_text('[[adapter]]\nname = "a"\ndata = "data/alpha"\nmetric = "bleu"\n')
+    assert main(["pipeline", "run", "--spec", str(workspace / "bad.toml")]) == 2
+    assert "unknown metric 'bleu'" in capsys.readouterr().err
+    assert main(["serve", "--registry", str(workspace / "missing")]) == 2
+    assert "no registry at" in capsys.readouterr().err
