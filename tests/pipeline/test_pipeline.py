@@ -224,3 +224,24 @@ def test_pipeline_cli(workspace: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "unknown metric 'bleu'" in capsys.readouterr().err
     assert main(["serve", "--registry", str(workspace / "missing")]) == 2
     assert "no registry at" in capsys.readouterr().err
+
+
+def test_a_child_starts_from_its_parent_and_follows_it(workspace: Path, tiny_dir: Path) -> None:
+    spec_path = workspace / "adapters.toml"
+    spec_path.write_text(
+        spec_path.read_text().replace('data = "data/beta"', 'data = "data/beta"\ninit_from = "alpha@prod"')
+    )
+    spec = load_spec(spec_path)
+    first = Pipeline(spec).run()
+    assert [o.action for o in first] == ["trained", "trained"]
+    reg = Registry(spec.registry)
+    beta = reg.resolve("beta")
+    assert beta.lineage["pipeline"]["inputs"]["parent"]["ref"] == "alpha@1"
+    assert beta.lineage["parent"]["sha256"] == reg.resolve("alpha@1").files["adapter_model.safetensors"].sha256
+    write_task(workspace, "alpha", "the dog ran")
+    second = Pipeline(spec).run()
+    assert [(o.name, o.action, o.reasons) for o in second] == [
+        ("alpha", "trained", ["data changed (test, train)"]),
+        ("beta", "trained", ["parent adapter changed"]),
+    ]
+    assert reg.resolve("beta").lineage["pipeline"]["inputs"]["parent"]["ref"] == "alpha@2"

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.errors import GraftlmError
 from graftlm.pipeline.queue import ALL
 from graftlm.pipeline.run import Outcome
 from graftlm.pipeline.spec import SpecError, load_spec
@@ -102,10 +103,13 @@ def _status(args: argparse.Namespace) -> int:
     for col in ("adapter", "state", "why", "last version", "prod"):
         table.add_column(col)
     for a in pipeline.spec.ordered():
-        _, reasons = pipeline.status(a)
         last = pipeline.last_run(a.name)
         prod = pipeline.registry.aliases(a.name).get((a.name, "prod"))
-        state = "[yellow]stale[/]" if reasons else "[green]fresh[/]"
+        try:
+            _, reasons = pipeline.status(a)
+            state = "[yellow]stale[/]" if reasons else "[green]fresh[/]"
+        except GraftlmError as e:  # e.g. its parent has no version yet: say so, go on with the others
+            state, reasons = "[red]cannot run[/]", [str(e)]
         table.add_row(a.name, state, "; ".join(reasons) or "-", str(last.version) if last else "-", str(prod or "-"))
     console.print(table)
     return 0
