@@ -50,7 +50,7 @@ def test_an_unreachable_target_is_refused() -> None:
 
 
 def _sensitivity(model, tokenizer) -> Sensitivity:  # type: ignore[no-untyped-def]
-    return measure(model, text_chunks(tokenizer, CORPUS * 3, 64))
+    return measure(model, text_chunks(tokenizer, CORPUS * 3, 64), gram=True)
 
 
 def test_palettize_reaches_its_target_counting_everything(tiny_dir: Path, tmp_path: Path) -> None:
@@ -74,9 +74,9 @@ def test_bad_requests_get_clear_errors(tiny_dir: Path) -> None:
         measure(model, [tok.encode("a short text")])
     with pytest.raises(CalibrationError, match="needs calibration"):
         palettize(model, PalettizeConfig())
-    palettize(model, PalettizeConfig(bits=4, choices=(4,), weighting="none"))
+    palettize(model, PalettizeConfig(bits=4, choices=(4,), weighting="none", gptq=False))
     with pytest.raises(PalettizeError, match="already palettized"):
-        palettize(model, PalettizeConfig(bits=4, choices=(4,), weighting="none"))
+        palettize(model, PalettizeConfig(bits=4, choices=(4,), weighting="none", gptq=False))
 
 
 def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from graftlm.train.synthetic import self_generated
 
 def _student(tiny_dir: Path, out: Path) -> Path:
     model, tok = load_checkpoint(tiny_dir)
-    palettize(model, PalettizeConfig(bits=2, choices=(2,), weighting="none"))
+    palettize(model, PalettizeConfig(bits=2, choices=(2,), weighting="none", gptq=False))
     save_palettized(out, model, tok, {})
     return out
 

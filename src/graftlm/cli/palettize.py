@@ -57,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="no float16 scale per output row (rows of a group then share one table as they are)",
     )
+    p.add_argument(
+        "--no-gptq",
+        dest="gptq",
+        action="store_false",
+        help="round each weight to its nearest table entry instead of GPTQ's error-compensating assignment",
+    )
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
     g.add_argument("--calib-samples", type=int, default=32, help="self-written samples without --calib (default 32)")
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         choices = tuple(sorted({int(c) for c in args.choices.split(",") if c.strip()}))
     except ValueError as e:
         raise PalettizeError(f"--choices must be bit widths separated by commas, got {args.choices!r}") from e
-    config = PalettizeConfig(args.bits, choices, args.group_size, args.weighting, args.row_scale)
+    config = PalettizeConfig(args.bits, choices, args.group_size, args.weighting, args.row_scale, args.gptq)
     model, tokenizer, source = load(args.model)
     if (source.checkpoint / LAYOUT_FILE).exists():
         raise PalettizeError(f"{args.model} is already palettized; palettize the uncompressed model instead")
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError("the calibration text is empty")
         with _bar() as bar:
             task = bar.add_task("measuring sensitivity", total=len(sequences))
-            sensitivity = measure(model, sequences, lambda: bar.advance(task))
+            sensitivity = measure(model, sequences, lambda: bar.advance(task), gram=config.gptq)
         log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
     with _bar() as bar:
         task = bar.add_task("k-means tables", total=candidates(model))

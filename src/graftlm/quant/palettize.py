@@ -12,6 +12,7 @@ import torch
 
 from graftlm.errors import GraftlmError
 from graftlm.model.llama import Llama
+from graftlm.quant.gptq import refine
 from graftlm.quant.model import apply_palettes, dense_weights, is_palettized
 from graftlm.quant.pack import BITS
 from graftlm.quant.palette import Palette
@@ -34,6 +35,7 @@ class PalettizeConfig:
     group_size: int = 16  # output rows per table (0: one table per tensor)
     weighting: str = "activation"  # what weights k-means: activation | fisher | none (activation measured best)
     row_scale: bool = True  # a float16 scale per output row (see `Palette`)
+    gptq: bool = True  # choose indices by GPTQ's error compensation (see `gptq.py`), not nearest entry
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -49,7 +51,7 @@ class PalettizeConfig:
     @property
     def needs_calibration(self) -> bool:
         """A choice among widths needs sensitivities, and so does weighted k-means."""
-        return len(self.choices) > 1 or self.weighting != "none"
+        return len(self.choices) > 1 or self.weighting != "none" or self.gptq
 
 
 def candidates(model: Llama) -> int:
@@ -67,21 +69,27 @@ def palettize(
     if is_palettized(model):
         raise PalettizeError("the model is already palettized; palettize the uncompressed model instead")
     if config.needs_calibration and sensitivity is None:
-        raise CalibrationError("choosing bit widths or weighting k-means needs calibration text")
+        raise CalibrationError("choosing bit widths, weighting k-means or GPTQ needs calibration text")
+    if config.gptq and sensitivity is not None and not sensitivity.gram:
+        raise CalibrationError("GPTQ needs the input Gram matrices: measure the sensitivity with gram=True")
     options: dict[str, list[Option]] = {}
     made: dict[tuple[str, int], Palette] = {}
     weights = dict(dense_weights(model))
     for name, w in weights.items():
         w = w.detach().float()
         importance = _importance(name, config.weighting, sensitivity)
-        cost = None if sensitivity is None else sensitivity.fisher[name]
+        gram = sensitivity.gram.get(name) if sensitivity is not None and config.gptq else None
         norm = float(w.square().sum())
         options[name] = []
         for bits in config.choices:
             p = Palette.of(w, bits, config.group_size, importance, config.row_scale)
-            sq = (p.dense() - w).square()
-            err = float((sq * cost).sum()) if cost is not None else float(sq.sum())
-            options[name].append(Option(bits, p.storage_bits, err, float(sq.sum()) / max(norm, 1e-30)))
+            if gram is not None:
+                p = refine(p, w, gram)
+            q = p.dense()
+            sq = float((q - w).square().sum())
+            options[name].append(
+                Option(bits, p.storage_bits, _loss_cost(name, q, w, sensitivity, gram), sq / max(norm, 1e-30))
+            )
             made[name, bits] = p
         if on_weight is not None:
             on_weight(name)
@@ -99,10 +107,28 @@ def palettize(
         "group_size": config.group_size,
         "weighting": config.weighting,
         "row_scale": config.row_scale,
+        "gptq": config.gptq,
         "calibration_tokens": 0 if sensitivity is None else sensitivity.tokens,
         "plan": plan.rows(),
     }
     return plan, record
+
+
+def _loss_cost(
+    name: str, q: torch.Tensor, w: torch.Tensor, sensitivity: Sensitivity | None, gram: torch.Tensor | None
+) -> float:
+    """The loss a quantization Q of W adds, to compare tensors in the plan. With the Fisher diagonal F,
+    Σ F·(W − Q)²; with the input Gram matrix H as well, Σ_i g_i·(d_i H d_iᵀ), where d = Q − W and g_i, the
+    output row's gradient second moment, is Σ_j F_ij / Σ_j H_jj (F_ij ≈ g_i·H_jj when gradients and inputs
+    are independent), so correlated inputs that GPTQ exploits are counted."""
+    d = q - w
+    if sensitivity is None:
+        return float(d.square().sum())
+    fisher = sensitivity.fisher[name]
+    if gram is None:
+        return float((d.square() * fisher).sum())
+    g = fisher.sum(1) / torch.diagonal(gram).sum().clamp_min(1e-30)  # [out]
+    return float((((d @ gram.float()) * d).sum(1) * g).sum())
 
 
 def _importance(name: str, weighting: str, sensitivity: Sensitivity | None) -> torch.Tensor | None:

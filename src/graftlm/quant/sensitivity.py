@@ -6,12 +6,14 @@
   compares tensors with one another when the mixed-bit plan chooses their widths.
 - Activation: the mean square of each input feature, E[x_j²] (the importance matrix of llama.cpp): the
   output error of a linear layer is Σ_j E[x_j²]·(W − Q)_ij² when features are uncorrelated.
+- Gram: E[x xᵀ] of each projection's input, the Hessian of its output error, for GPTQ (`gptq.py`); its
+  diagonal is the activation statistic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ class Sensitivity:
     fisher: dict[str, torch.Tensor]  # [out, in] per palettizable weight
     activation: dict[str, torch.Tensor]  # [in]: E[x²] of the weight's input features
     tokens: int  # calibration tokens scored
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # [in, in]: E[x xᵀ], projections only
 
 
 def check_calibration(sequences: Sequence[Sequence[int]]) -> int:
@@ -47,9 +50,13 @@ def check_calibration(sequences: Sequence[Sequence[int]]) -> int:
 
 
 def measure(
-    model: Llama, sequences: Sequence[Sequence[int]], on_sequence: Callable[[], None] | None = None
+    model: Llama,
+    sequences: Sequence[Sequence[int]],
+    on_sequence: Callable[[], None] | None = None,
+    gram: bool = False,
 ) -> Sensitivity:
-    """Fisher diagonal and input-feature statistics of every palettizable weight, one sequence at a time."""
+    """Fisher diagonal and input-feature statistics of every palettizable weight, one sequence at a time;
+    with `gram`, also each projection's input Gram matrix."""
     tokens = check_calibration(sequences)
     weights = dict(dense_weights(model))
     saved = {name: w.requires_grad for name, w in weights.items()}
@@ -59,7 +66,8 @@ def measure(
         w.requires_grad_(True)
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     act = {name: torch.zeros(w.shape[1], dtype=torch.float64, device=w.device) for name, w in weights.items()}
-    hooks = _activation_hooks(model, act)
+    grams = {n: torch.zeros(w.shape[1], w.shape[1], device=w.device) for n, w in weights.items() if n != EMBED and gram}
+    hooks = _activation_hooks(model, act, grams)
     try:
         for seq in sequences:
             ids = torch.tensor([list(seq)], device=model.device)
@@ -80,12 +88,14 @@ def measure(
             w.requires_grad_(saved[name])
     n = sum(len(s) for s in sequences)
     stats = {k: (v if k == EMBED and not model.config.tie_word_embeddings else v / n).float() for k, v in act.items()}
-    return Sensitivity(fisher, stats, tokens)
+    return Sensitivity(fisher, stats, tokens, {k: v / n for k, v in grams.items()})
 
 
-def _activation_hooks(model: Llama, act: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+def _activation_hooks(
+    model: Llama, act: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]
+) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks that add Σ x_j² of each weight's inputs into `act` (a tied embedding: the head's input; an
-    untied one is looked up, not multiplied, and keeps uniform statistics)."""
+    untied one is looked up, not multiplied, and keeps uniform statistics), and Σ x xᵀ into `grams`."""
     hooks = []
     for name in act:
         if name == EMBED and not model.config.tie_word_embeddings:
@@ -94,8 +104,10 @@ def _activation_hooks(model: Llama, act: dict[str, torch.Tensor]) -> list[torch.
         module: nn.Module = model.get_submodule(HEAD if name == EMBED else name)
 
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-            x = args[0].detach()
-            act[name] += x.reshape(-1, x.shape[-1]).double().square().sum(0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            act[name] += x.double().square().sum(0)
+            if name in grams:
+                grams[name] += x.float().T @ x.float()
 
         hooks.append(module.register_forward_pre_hook(hook))
     return hooks
