@@ -2,7 +2,8 @@
 
 Peer: the uncompressed model (float32) it was made from. Variants: uniform 4-bit, uniform 2-bit and the
 3.5-bit mix, with and without its recovery adapter (graftlm's defaults throughout: 16-row tables, row
-scales, activation-weighted k-means, sensitivities from 32 self-written calibration samples; the
+scales, activation-weighted k-means, GPTQ index assignment, sensitivities from 32 self-written
+calibration samples; the
 recovery adapter is `graftlm recover` with its defaults, applied unmerged). Every variant is measured
 in its own process, so resident memory is its own.
 
@@ -86,7 +87,8 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
 
 def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
     out = work / label.replace(" ", "-")
-    if not (out / "palettization.json").exists():
+    layout = out / "palettization.json"
+    if not layout.exists() or "gptq" not in json.loads(layout.read_text()):  # missing, or built before GPTQ
         cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
         subprocess.run([*cmd, "--choices", choices], check=True)
     return out
@@ -94,7 +96,9 @@ def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
 
 def recovery(model: str, student: str, work: Path) -> Path:
     out = work / "recovery"
-    if not (out / "adapter_model.safetensors").exists():
+    weights = out / "adapter_model.safetensors"
+    if weights.exists() and weights.stat().st_mtime < (Path(student) / "palettization.json").stat().st_mtime:
+        weights.unlink()  # made for an older build of the student
         cmd = [sys.executable, "-m", "graftlm.cli.main", "recover", "--teacher", model, "--student", student]
         subprocess.run([*cmd, "--out", str(out)], check=True)
     return out
