@@ -6,15 +6,16 @@ import argparse
 import datetime
 import json
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.cli.verbs import Verbs
 from graftlm.errors import GraftlmError
 from graftlm.pipeline.queue import ALL
-from graftlm.pipeline.run import Outcome
+from graftlm.pipeline.run import Outcome, Pipeline
 from graftlm.pipeline.spec import SpecError, load_spec
+from graftlm.pipeline.worker import Worker, queue_of, targets_for_path
 
 console = Console(highlight=False)
 
@@ -30,13 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "publishes it to the registry, and moves prod to it only if it passes its gate."
         ),
     )
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    def verb(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
-        v = verbs.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        v.add_argument("--spec", type=Path, default=Path("adapters.toml"), help="spec file (default: adapters.toml)")
-        v.set_defaults(run=fn)
-        return v
+    verb = Verbs(p, _add_spec).add
 
     v = verb("run", "retrain, evaluate, gate and publish the stale adapters", _run)
     v.add_argument("--only", action="append", default=[], metavar="NAME", help="consider only this adapter")
@@ -61,13 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--state", choices=("queued", "running", "done", "failed"), default=None)
 
 
+def _add_spec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", type=Path, default=Path("adapters.toml"), help="spec file (default: adapters.toml)")
+
+
 def _score(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
 def _run(args: argparse.Namespace) -> int:
-    from graftlm.pipeline.run import Pipeline
-
     spec = load_spec(args.spec)
     outcomes = Pipeline(spec).run(args.only or None, force=args.force, wait=not args.no_wait)
     console.print(f"[bold]pipeline run[/] of {spec.path} ({len(outcomes)} adapters)")
@@ -96,8 +93,6 @@ def print_outcome(o: Outcome) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from graftlm.pipeline.run import Pipeline
-
     pipeline = Pipeline(load_spec(args.spec))
     table = Table(title=f"adapters of {args.spec}")
     for col in ("adapter", "state", "why", "last version", "prod"):
@@ -106,7 +101,7 @@ def _status(args: argparse.Namespace) -> int:
         last = pipeline.last_run(a.name)
         prod = pipeline.registry.aliases(a.name).get((a.name, "prod"))
         try:
-            _, reasons = pipeline.status(a)
+            reasons = pipeline.status(a).reasons
             state = "[yellow]stale[/]" if reasons else "[green]fresh[/]"
         except GraftlmError as e:  # e.g. its parent has no version yet: say so, go on with the others
             state, reasons = "[red]cannot run[/]", [str(e)]
@@ -116,8 +111,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _notify(args: argparse.Namespace) -> int:
-    from graftlm.pipeline.worker import queue_of, targets_for_path
-
     spec = load_spec(args.spec)
     if args.all:
         targets = [ALL]
@@ -135,8 +128,6 @@ def _notify(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from graftlm.pipeline.worker import Worker
-
     w = Worker(args.spec, args.lease, args.backoff)
     ran = w.run(once=args.once, watch=args.watch, interval=args.interval)
     console.print(f"ran {ran} jobs")
@@ -144,8 +135,6 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from graftlm.pipeline.worker import queue_of
-
     table = Table()
     for col in ("job", "target", "state", "attempts", "reason", "updated", "error"):
         table.add_column(col)

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.cli.verbs import Verbs
 from graftlm.registry import PROD, Registry
 from graftlm.registry.bundle import export, import_bundle
 from graftlm.registry.records import RegistryError, Version, diff
@@ -41,13 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(its prod alias, else its latest version), NAME@VERSION or NAME@ALIAS."
         ),
     )
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    def verb(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
-        v = verbs.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        add_registry(v)
-        v.set_defaults(run=fn)
-        return v
+    verb = Verbs(p, add_registry).add
 
     v = verb("publish", "store an adapter folder as a new version", _publish)
     v.add_argument("folder", type=Path, help="adapter folder (adapter_config.json + adapter_model.safetensors)")

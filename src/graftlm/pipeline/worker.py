@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from graftlm.pipeline.queue import ALL, Job, JobQueue
+from graftlm.pipeline.run import Pipeline
 from graftlm.pipeline.spec import Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(job.id, stop), daemon=True)
         beat.start()
         try:
-            from graftlm.pipeline.run import Pipeline
-
             spec = load_spec(self.spec_path)  # read per job: edits to the spec count
             only = None if job.target == ALL else [job.target]
             outcomes = Pipeline(spec).run(only, wait=self.wait_lock)
