@@ -25,15 +25,13 @@ from safetensors.torch import save_file
 
 from graftlm.fileio import atomic_dir
 from graftlm.lora.config import TARGETS, AdapterError, LoraConfig
+from graftlm.lora.files import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE
 from graftlm.lora.layer import base_shape
 from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state, module_path, projections
 from graftlm.model.llama import Llama
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-FINGERPRINT_KEY = "graftlm.base_fingerprint"
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _KEY = re.compile(
     rf"^{re.escape(PEFT_PREFIX)}model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from graftlm.errors import GraftlmError
+from graftlm.fileio import file_sha256
+from graftlm.lora.files import WEIGHTS_FILE
 from graftlm.pipeline import fingerprints
 from graftlm.pipeline.spec import AdapterSpec, Spec
 from graftlm.registry import PROD, Registry, RegistryError, Version
@@ -55,6 +57,14 @@ class Outcome:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    inputs: dict[str, Any]
+    reasons: list[str]  # why the adapter is stale; empty when it is fresh
+    last: Version | None  # the newest version the pipeline published
+    parent_dir: Path | None  # the adapter to train from
 
 
 @contextlib.contextmanager
@@ -101,10 +111,10 @@ class Pipeline:
             folder = Path(a.init_from)
             return {
                 "path": str(folder),
-                "sha256": fingerprints.file_sha256(folder / "adapter_model.safetensors"),
+                "sha256": file_sha256(folder / WEIGHTS_FILE),
             }, folder
         v = self.registry.resolve(a.init_from)
-        return {"ref": v.ref, "sha256": v.files["adapter_model.safetensors"].sha256}, self.registry.checkout(v)
+        return {"ref": v.ref, "sha256": v.files[WEIGHTS_FILE].sha256}, self.registry.checkout(v)
 
     def last_run(self, name: str) -> Version | None:
         """The newest version of `name` the pipeline published (versions published by hand do not count)."""
@@ -113,13 +123,13 @@ class Pipeline:
                 return v
         return None
 
-    def status(self, a: AdapterSpec) -> tuple[dict[str, Any], list[str]]:
-        """The adapter's current inputs, and why it is stale ([] if fresh)."""
-        parent, _ = self.parent_of(a)
+    def status(self, a: AdapterSpec) -> Assessment:
+        """The adapter's current inputs, why it is stale (no reasons: fresh), its last run, its parent."""
+        parent, parent_dir = self.parent_of(a)
         ins = fingerprints.inputs(a, self.base_fp, parent)
         last = self.last_run(a.name)
         old = last.lineage["pipeline"]["inputs"] if last is not None else None
-        return ins, fingerprints.changes(old, ins)
+        return Assessment(ins, fingerprints.changes(old, ins), last, parent_dir)
 
     # ---- running -----------------------------------------------------------------------------
     def run(self, only: list[str] | None = None, force: bool = False, wait: bool = True) -> list[Outcome]:
@@ -145,15 +155,14 @@ class Pipeline:
     def _one(self, a: AdapterSpec, force: bool) -> Outcome:
         out = Outcome(a.name)
         try:
-            ins, reasons = self.status(a)
-            out.reasons = reasons or (["forced"] if force else ["inputs unchanged"])
-            if not reasons and not force:
-                last = self.last_run(a.name)
-                out.version = last.version if last else None
+            now = self.status(a)
+            out.reasons = now.reasons or (["forced"] if force else ["inputs unchanged"])
+            if not now.reasons and not force:
+                out.version = now.last.version if now.last else None
                 out.prod_before = out.prod_after = self.registry.aliases(a.name).get((a.name, PROD))
                 return out
             log.info("%s: %s", a.name, "; ".join(out.reasons))
-            self._train_and_publish(a, ins, out)
+            self._train_and_publish(a, now, out)
         except Exception as e:  # one adapter's failure must not stop the others
             out.action = "failed"
             out.error = f"{type(e).__name__}: {e}" if not isinstance(e, GraftlmError) else str(e)
@@ -161,16 +170,16 @@ class Pipeline:
             log.debug("%s", traceback.format_exc())
         return out
 
-    def _train_and_publish(self, a: AdapterSpec, ins: dict[str, Any], out: Outcome) -> None:
+    def _train_and_publish(self, a: AdapterSpec, now: Assessment, out: Outcome) -> None:
         from graftlm.pipeline.steps import evaluate_adapter, train
 
+        ins = now.inputs
         work = self.spec.state / "work" / a.name
-        _, parent_dir = self.parent_of(a)
-        train(self.spec.base, a, work, parent_dir)
+        train(self.spec.base, a, work, now.parent_dir)
         out.action = "trained"
         eval_key = fingerprints.key({"base": ins["base"], "test": ins["data"]["test"], "settings": ins["settings"]})
         out.score, n = evaluate_adapter(self.spec.base, a, work)
-        out.base_score = self._base_score(a, eval_key)
+        out.base_score = self._base_score(a, now.last, eval_key)
         prod = self._prod(a.name)
         out.prod_before = prod.version if prod else None
         out.prod_score = self._prod_score(a, prod, eval_key) if prod else None
@@ -198,10 +207,9 @@ class Pipeline:
         except RegistryError:
             return None
 
-    def _base_score(self, a: AdapterSpec, eval_key: str) -> float:
+    def _base_score(self, a: AdapterSpec, last: Version | None, eval_key: str) -> float:
         from graftlm.pipeline.steps import evaluate_adapter
 
-        last = self.last_run(a.name)
         if last is not None and last.metrics.get("eval_key") == eval_key and last.metrics.get("base_score") is not None:
             return float(last.metrics["base_score"])
         if eval_key not in self._base_scores:

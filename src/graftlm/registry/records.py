@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from graftlm.errors import GraftlmError
+from graftlm.lora.files import FINGERPRINT_KEY, WEIGHTS_FILE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")  # never all digits: `name@3` is a version
@@ -89,11 +90,11 @@ def lineage_of(folder: Path) -> dict[str, Any]:
     """What an adapter folder says about where it came from: the base model it fits, and, when graftlm
     trained it, the data, settings, code version and parent adapter from its training record."""
     lineage: dict[str, Any] = {}
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / WEIGHTS_FILE
     if weights.is_file():
         meta = _safetensors_metadata(weights)
-        if "graftlm.base_fingerprint" in meta:
-            lineage["base_fingerprint"] = meta["graftlm.base_fingerprint"]
+        if FINGERPRINT_KEY in meta:
+            lineage["base_fingerprint"] = meta[FINGERPRINT_KEY]
     record_path = folder / TRAINING_RECORD
     if record_path.is_file():
         try:

@@ -20,7 +20,7 @@ class RegistryFinder:
             r = Ref.parse(ref)
         except RegistryError as e:
             raise UnknownAdapterError(str(e)) from e
-        if r.name not in self.registry.names():
+        if not self.registry.has(r.name):
             return None
         try:
             v = self.registry.resolve(r)

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from graftlm.lora.files import CONFIG_FILE, WEIGHTS_FILE
 from graftlm.registry import index
 from graftlm.registry.blobs import BlobStore
 from graftlm.registry.records import ALIAS, NAME, FileEntry, Ref, RegistryError, Version, lineage_of
 
 PROD = "prod"
-REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+REQUIRED = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class Registry:
     def versions(self, name: str | None = None) -> list[Version]:
         with self.db() as db:
             return index.versions(db, name)
+
+    def has(self, name: str) -> bool:
+        """Whether any version of `name` exists (one indexed lookup; serving asks on every request)."""
+        with self.db() as db:
+            return index.latest(db, name) is not None
 
     def names(self) -> list[str]:
         with self.db() as db:

@@ -14,7 +14,7 @@ from graftlm import __version__
 from graftlm.fileio import file_sha256
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
-from graftlm.lora.peft_io import read_adapter, save_adapter
+from graftlm.lora.peft_io import WEIGHTS_FILE, read_adapter, save_adapter
 from graftlm.model import catalog
 from graftlm.train.data import load_examples
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
@@ -80,9 +80,7 @@ def train_adapter(
         },
         "config": trainer.config_record(),
         "init_from": (
-            {"path": str(init_from), "sha256": file_sha256(init_from / "adapter_model.safetensors")}
-            if init_from is not None
-            else None
+            {"path": str(init_from), "sha256": file_sha256(init_from / WEIGHTS_FILE)} if init_from is not None else None
         ),
         "metrics": {
             "steps": result.steps,
