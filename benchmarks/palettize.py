@@ -2,10 +2,9 @@
 
 Peer: the uncompressed model (float32) it was made from. Variants: uniform 4-bit, uniform 2-bit and the
 3.5-bit mix, with and without its recovery adapter (graftlm's defaults throughout: 16-row tables, row
-scales, activation-weighted k-means, GPTQ index assignment, sensitivities from 32 self-written
-calibration samples; the
-recovery adapter is `graftlm recover` with its defaults, applied unmerged). Every variant is measured
-in its own process, so resident memory is its own.
+scales, input scales where they help, activation-weighted k-means, GPTQ index assignment, sensitivities
+from 128 self-written calibration samples; the recovery adapter is `graftlm recover` with its defaults,
+applied unmerged). Every variant is measured in its own process, so resident memory is its own.
 
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
 
@@ -88,7 +87,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
 def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
     out = work / label.replace(" ", "-")
     layout = out / "palettization.json"
-    if not layout.exists() or "gptq" not in json.loads(layout.read_text()):  # missing, or built before GPTQ
+    if not layout.exists() or "in_scale" not in json.loads(layout.read_text()):  # missing, or built before input scales
         cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
         subprocess.run([*cmd, "--choices", choices], check=True)
     return out
@@ -99,6 +98,7 @@ def recovery(model: str, student: str, work: Path) -> Path:
     weights = out / "adapter_model.safetensors"
     if weights.exists() and weights.stat().st_mtime < (Path(student) / "palettization.json").stat().st_mtime:
         weights.unlink()  # made for an older build of the student
+    if not weights.exists():
         cmd = [sys.executable, "-m", "graftlm.cli.main", "recover", "--teacher", model, "--student", student]
         subprocess.run([*cmd, "--out", str(out)], check=True)
     return out

@@ -50,6 +50,20 @@ def test_gptq_matches_the_textbook_algorithm_and_lowers_the_output_error() -> No
         assert after < 0.8 * before, f"{bits} bits: output error {before:.1f} -> {after:.1f}"
 
 
+def test_input_scales_solve_the_scaled_problem() -> None:
+    """With input scales s, GPTQ on W is GPTQ on W / s under diag(s) H diag(s): the same indices."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 150, generator=g)
+    x = correlated_inputs(1500, 150, 4)
+    h = x.T @ x / x.shape[0]
+    s = (torch.diagonal(h) ** -0.25).half().float()
+    p = refine(Palette.of(w, 3, 16, importance=torch.diagonal(h), row_scale=True, in_scales=s), w, h)
+    assert torch.equal(p.in_scales, s.half())
+    plain = Palette(p.packed, p.tables, p.bits, p.group_size, p.in_features, p.scales)
+    want = reference_gptq(plain, w / s, h * s[:, None] * s[None, :])
+    assert (p.indices() == want).float().mean() > 0.995
+
+
 def test_inputs_that_never_fire_are_ignored() -> None:
     w = torch.randn(16, 40)
     x = correlated_inputs(500, 40, 2)

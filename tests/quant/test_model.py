@@ -28,8 +28,16 @@ def palettized_pair(tiny_dir: Path) -> tuple[Llama, Llama]:
     pal, _ = load_checkpoint(tiny_dir)
     ref, _ = load_checkpoint(tiny_dir)
     widths = [2, 3, 4, 6, 8]
-    palettes = {
-        n: Palette.of(w, widths[i % 5], 16, row_scale=i % 2 == 0) for i, (n, w) in enumerate(dense_weights(pal))
+    g = torch.Generator().manual_seed(5)
+    palettes = {  # every third weight with input scales, the tied embedding among them
+        n: Palette.of(
+            w,
+            widths[i % 5],
+            16,
+            row_scale=i % 2 == 0,
+            in_scales=torch.rand(w.shape[1], generator=g) + 0.5 if i % 3 == 0 else None,
+        )
+        for i, (n, w) in enumerate(dense_weights(pal))
     }
     apply_palettes(pal, palettes)
     with torch.no_grad():
@@ -81,6 +89,7 @@ def test_save_and_load_round_trip(tiny_dir: Path, tmp_path: Path) -> None:
     layout = read_layout(tmp_path / "pal")
     assert layout.record["bits_per_weight"] == 4.9
     assert {w.bits for w in layout.weights.values()} == {2, 3, 4, 6, 8}
+    assert {w.in_scale for w in layout.weights.values()} == {True, False}
 
 
 def test_lora_on_a_palettized_base_equals_lora_on_the_dense_reference(tiny_dir: Path) -> None:

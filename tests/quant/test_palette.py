@@ -16,7 +16,8 @@ def lookup_reference(p: Palette) -> torch.Tensor:
     for r, c in itertools.product(range(p.shape[0]), range(p.shape[1])):
         g = 0 if p.group_size == 0 else r // p.group_size
         scale = 1.0 if p.scales is None else float(p.scales[r])
-        out[r, c] = float(p.tables[g, idx[r][c]]) * scale
+        in_scale = 1.0 if p.in_scales is None else float(p.in_scales[c])
+        out[r, c] = float(p.tables[g, idx[r][c]]) * scale * in_scale
     return out
 
 
@@ -57,6 +58,27 @@ def test_more_bits_give_less_error() -> None:
     errors = [float((Palette.of(w, b).dense() - w).square().mean()) for b in BITS]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 1e-3 * float(w.square().mean())
+
+
+def test_input_scales_are_looked_up_and_spend_the_table_on_the_columns_that_matter() -> None:
+    from graftlm.quant.gptq import output_error
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 64, generator=g)
+    act = torch.ones(64)
+    act[:4] = 400.0  # four inputs carry most of the signal
+    s = act**-0.25
+    p = Palette.of(w, 3, 16, importance=act, row_scale=True, in_scales=s)
+    assert torch.equal(p.dense(), lookup_reference(p))
+    assert (
+        torch.equal(p.in_scales, s.half())
+        and p.storage_bits == Palette.of(w, 3, 16, row_scale=True).storage_bits + 64 * 16
+    )
+    plain = Palette.of(w, 3, 16, importance=act, row_scale=True)
+    h = torch.diag(act)
+    assert output_error(p.dense(), w, h) < 0.8 * output_error(plain.dense(), w, h)
+    with pytest.raises(ValueError, match="positive"):
+        Palette.of(w, 3, 16, in_scales=-s)
 
 
 def optimal_1d(values: list[float], weights: list[float], k: int) -> float:

@@ -9,6 +9,7 @@ import torch
 from graftlm.cli.main import main
 from graftlm.eval.perplexity import text_chunks
 from graftlm.model.load_hf import load_checkpoint
+from graftlm.quant.model import palettized_modules
 from graftlm.quant.palettize import PalettizeConfig, PalettizeError, palettize
 from graftlm.quant.plan import Option, allocate
 from graftlm.quant.sensitivity import CalibrationError, Sensitivity, measure
@@ -61,6 +62,20 @@ def test_palettize_reaches_its_target_counting_everything(tiny_dir: Path, tmp_pa
     held = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     assert sum(8 * t.nbytes for t in held) / model.num_parameters() == pytest.approx(plan.bits_per_weight)
     assert len({row["bits"] for row in record["plan"]}) > 1
+    kept = [layer.in_scales is not None for _, layer in palettized_modules(model)]
+    assert any(kept)  # input scales kept where they lowered the estimated loss (counted above)
+
+
+def test_input_scales_are_kept_only_where_they_lower_the_loss(tiny_dir: Path) -> None:
+    model, tok = load_checkpoint(tiny_dir)
+    sens = _sensitivity(model, tok)
+    with_scales = palettize(model, PalettizeConfig(bits=4, choices=(4,)), sens)[0]
+    model, _ = load_checkpoint(tiny_dir)
+    without = palettize(model, PalettizeConfig(bits=4, choices=(4,), in_scale=False), sens)[0]
+    assert not any(layer.in_scales is not None for _, layer in palettized_modules(model))
+    for name, o in with_scales.choice.items():  # never worse than no scales: none is among the candidates
+        assert o.error <= without.choice[name].error * (1 + 1e-6), name
+    assert sum(o.error for o in with_scales.choice.values()) < sum(o.error for o in without.choice.values())
 
 
 def test_bad_requests_get_clear_errors(tiny_dir: Path) -> None:

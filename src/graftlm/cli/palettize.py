@@ -63,9 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="round each weight to its nearest table entry instead of GPTQ's error-compensating assignment",
     )
+    p.add_argument(
+        "--no-in-scale",
+        dest="in_scale",
+        action="store_false",
+        help="no float16 input-column scales (otherwise tried per weight and kept where they lower the loss)",
+    )
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
-    g.add_argument("--calib-samples", type=int, default=32, help="self-written samples without --calib (default 32)")
+    g.add_argument("--calib-samples", type=int, default=128, help="self-written samples without --calib (default 128)")
     g.add_argument("--calib-length", type=int, default=256, help="tokens per calibration sequence (default 256)")
     g.add_argument("--seed", type=int, default=0, help="seed of the self-written calibration text")
     p.set_defaults(run=run)
@@ -82,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         choices = tuple(sorted({int(c) for c in args.choices.split(",") if c.strip()}))
     except ValueError as e:
         raise PalettizeError(f"--choices must be bit widths separated by commas, got {args.choices!r}") from e
-    config = PalettizeConfig(args.bits, choices, args.group_size, args.weighting, args.row_scale, args.gptq)
+    config = PalettizeConfig(
+        args.bits, choices, args.group_size, args.weighting, args.row_scale, args.gptq, args.in_scale
+    )
     model, tokenizer, source = load(args.model)
     if (source.checkpoint / LAYOUT_FILE).exists():
         raise PalettizeError(f"{args.model} is already palettized; palettize the uncompressed model instead")

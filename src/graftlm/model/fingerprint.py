@@ -13,14 +13,14 @@ from torch import nn
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 of every base weight (float32 bytes, in name order), ignoring adapter parameters.
 
-    Palettized weights count by their packed indices, tables and row scales (their buffers). Names
+    Palettized weights count by their packed indices, tables, row and input scales (their buffers). Names
     are normalised so that wrapping a projection (LoRA's `.base`) does not change the result.
     """
     h = hashlib.sha256()
     seen: set[int] = set()
     named = []
     buffers = model.named_buffers(remove_duplicate=False)
-    palettes = (kv for kv in buffers if kv[0].endswith((".packed", ".tables", ".scales")))
+    palettes = (kv for kv in buffers if kv[0].endswith((".packed", ".tables", ".scales", ".in_scales")))
     for name, p in itertools.chain(model.named_parameters(remove_duplicate=False), palettes):
         if "lora_" in name or name.endswith("magnitude") or id(p) in seen:
             continue

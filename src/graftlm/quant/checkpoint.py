@@ -1,7 +1,8 @@
 """Palettized checkpoint directories: the usual config, tokenizer and safetensors, plus a layout file.
 
-`model.safetensors` holds each palettized weight as `<module>.packed` (uint8 indices) and `<module>.tables`
-(float16), and every other tensor as usual. `palettization.json` lists the palettized weights (bits,
+`model.safetensors` holds each palettized weight as `<module>.packed` (uint8 indices), `<module>.tables`
+(float16) and, where it has them, `<module>.scales` and `<module>.in_scales` (float16 row and input-column
+scales), and every other tensor as usual. `palettization.json` lists the palettized weights (bits,
 group size, shape) and the record of how they were made (plan, bits per weight, source). Every loader
 of checkpoints (`graftlm.model.load_hf`) reads it, so all commands load a palettized model by its path.
 """
@@ -33,6 +34,7 @@ class WeightLayout:
     group_size: int
     shape: tuple[int, int]
     row_scale: bool = False
+    in_scale: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Layout:
             for name, w in self.weights.items():
                 old = model.get_submodule(name)
                 bias = getattr(old, "bias", None) is not None
-                layer = PalettizedLinear.empty(w.shape, w.bits, w.group_size, w.row_scale, bias)
+                layer = PalettizedLinear.empty(w.shape, w.bits, w.group_size, w.row_scale, bias, in_scale=w.in_scale)
                 if name == EMBED:
                     model.embed_tokens = PalettizedEmbedding(layer, dtype)
                     continue
@@ -58,7 +60,13 @@ class Layout:
 
     def to_json(self) -> dict[str, Any]:
         weights = {
-            k: {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape), "row_scale": w.row_scale}
+            k: {
+                "bits": w.bits,
+                "group_size": w.group_size,
+                "shape": list(w.shape),
+                "row_scale": w.row_scale,
+                "in_scale": w.in_scale,
+            }
             for k, w in self.weights.items()
         }
         return {"format": FORMAT, "version": VERSION, "weights": weights, **self.record}
@@ -76,6 +84,7 @@ def read_layout(path: Path) -> Layout:
                 int(v["group_size"]),
                 (int(v["shape"][0]), int(v["shape"][1])),
                 bool(v.get("row_scale", False)),
+                bool(v.get("in_scale", False)),
             )
             for k, v in raw["weights"].items()
         }
@@ -88,7 +97,11 @@ def read_layout(path: Path) -> Layout:
 def layout_of(model: Llama, record: dict[str, Any]) -> Layout:
     weights = {
         name: WeightLayout(
-            layer.bits, layer.group_size, (layer.out_features, layer.in_features), layer.scales is not None
+            layer.bits,
+            layer.group_size,
+            (layer.out_features, layer.in_features),
+            layer.scales is not None,
+            layer.in_scales is not None,
         )
         for name, layer in palettized_modules(model)
     }

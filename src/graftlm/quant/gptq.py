@@ -6,7 +6,8 @@ Nearest-entry rounding minimises each weight's own error. What matters is the la
 column at a time and moves its rounding error onto the columns not yet rounded, weighted by the
 inverse Hessian, so later columns absorb what earlier ones lost. Here the rounding is to the nearest
 entry of each row's lookup table (times its row scale) instead of a uniform grid; the tables stay
-those k-means found.
+those k-means found. With input scales s the work is done on W / s with the Hessian diag(s) H diag(s),
+which measures the same output error.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def refine(p: Palette, weight: torch.Tensor, gram: torch.Tensor, damp: float = D
     out, inn = w.shape
     vals = row_values(p)  # [out, k]
     h = gram.detach().float().clone()
+    if p.in_scales is not None:
+        s = p.in_scales.float().to(w.device)
+        w, h = w / s[None, :], h * s[:, None] * s[None, :]
     dead = torch.diagonal(h) <= 0  # inputs that never fire: any value is exact for them
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -56,7 +60,7 @@ def refine(p: Palette, weight: torch.Tensor, gram: torch.Tensor, damp: float = D
         w[:, b1:] -= err @ u[b0:b1, b1:]
     unordered = torch.empty_like(idx)
     unordered[:, order] = idx
-    return Palette(pack(unordered, p.bits), p.tables, p.bits, p.group_size, inn, p.scales)
+    return Palette(pack(unordered, p.bits), p.tables, p.bits, p.group_size, inn, p.scales, p.in_scales)
 
 
 def output_error(q: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:

@@ -27,6 +27,8 @@ class PalettizedLinear(nn.Module):
         self.register_buffer("tables", palette.tables)  # [groups, 2^bits] float16
         self.scales: torch.Tensor | None
         self.register_buffer("scales", palette.scales)  # [out] float16, or None (no row scales)
+        self.in_scales: torch.Tensor | None
+        self.register_buffer("in_scales", palette.in_scales)  # [in] float16, or None (no input scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -38,18 +40,22 @@ class PalettizedLinear(nn.Module):
         row_scale: bool = False,
         bias: bool = False,
         device: str = "meta",
+        in_scale: bool = False,
     ) -> PalettizedLinear:
         """A layer of the right shapes to load a state dict into."""
         out, inn = shape
         packed = torch.empty(out, row_bytes(inn, bits), dtype=torch.uint8, device=device)
         tables = torch.empty(n_groups(out, group_size), 1 << bits, dtype=torch.float16, device=device)
         scales = torch.empty(out, dtype=torch.float16, device=device) if row_scale else None
-        palette = Palette(packed, tables, bits, group_size, inn, scales)
+        in_scales = torch.empty(inn, dtype=torch.float16, device=device) if in_scale else None
+        palette = Palette(packed, tables, bits, group_size, inn, scales, in_scales)
         return cls(palette, torch.empty(out, device=device) if bias else None)
 
     @property
     def palette(self) -> Palette:
-        return Palette(self.packed, self.tables, self.bits, self.group_size, self.in_features, self.scales)
+        return Palette(
+            self.packed, self.tables, self.bits, self.group_size, self.in_features, self.scales, self.in_scales
+        )
 
     def _scales32(self) -> torch.Tensor | None:
         return None if self.scales is None else self.scales.float()
@@ -73,19 +79,24 @@ class PalettizedLinear(nn.Module):
             out = self.tables.float()[groups[:, None], idx]
             if self.scales is not None:
                 out = out * self.scales.float()[flat, None]
+        if self.in_scales is not None:
+            out = out * self.in_scales.float()
         return out.view(*ids.shape, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized [out, in] float32 weight."""
-        if lut.usable(self.packed):
-            t32 = self.tables.float()
-            return lut.dequant(self.packed, t32, self._scales32(), self.bits, self.group_size, self.in_features)
-        return self.palette.dense().to(self.packed.device)
+        if not lut.usable(self.packed):
+            return self.palette.dense().to(self.packed.device)
+        t32 = self.tables.float()
+        w = lut.dequant(self.packed, t32, self._scales32(), self.bits, self.group_size, self.in_features)
+        return w if self.in_scales is None else w.mul_(self.in_scales.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         fused = x2.shape[0] <= lut.FUSED_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
         if fused and self._kernel_ok(x2):
+            if self.in_scales is not None:  # W = W' diag(s), so W x = W' (s ⊙ x)
+                x2 = x2 * self.in_scales.float()
             t32 = self.tables.float()
             y = lut.matmul(x2.contiguous(), self.packed, t32, self._scales32(), self.bits, self.group_size)
             if self.bias is not None:

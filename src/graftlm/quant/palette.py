@@ -8,6 +8,12 @@ nearest table entry. Tables are stored in float16.
 With `row_scale` each output row is first divided by its largest magnitude, and that scale (float16) is
 kept: W[r] = scale[r] · table[group(r)][index]. Rows of different sizes then share a table without the
 small ones losing all resolution (coremltools' per-channel scale); it costs 16 bits per row.
+
+With `in_scales` each input column j is divided by s_j before clustering and multiplied back after the
+lookup: W[r, j] = scale[r] · table[group(r)][index] · s_j. A table shared by a whole row group then puts
+its entries where the columns that matter are (AWQ's activation-aware scaling, Lin et al., 2024, kept as
+a float16 vector instead of folded into the previous layer, so adapters trained on the uncompressed
+model see the same inputs); it costs 16 bits per input column.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class Palette:
     group_size: int  # output rows per table; the whole tensor shares one table when it is 0
     in_features: int
     scales: torch.Tensor | None = None  # [out] float16, or None: no row scales
+    in_scales: torch.Tensor | None = None  # [in] float16, or None: no input-column scales
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -47,6 +54,11 @@ class Palette:
             )
         if self.scales is not None and tuple(self.scales.shape) != (out,):
             raise ValueError(f"row scales of a {out}-row palette have shape [{out}], not {list(self.scales.shape)}")
+        if self.in_scales is not None and tuple(self.in_scales.shape) != (self.in_features,):
+            raise ValueError(
+                f"input scales of a palette with {self.in_features} inputs have shape [{self.in_features}], "
+                f"not {list(self.in_scales.shape)}"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,8 +66,8 @@ class Palette:
 
     @property
     def storage_bits(self) -> int:
-        """Bits this weight takes on disk and in memory: packed indices, tables and row scales."""
-        scales = 0 if self.scales is None else self.scales.numel() * 16
+        """Bits this weight takes on disk and in memory: packed indices, tables, row and input scales."""
+        scales = sum(0 if t is None else t.numel() * 16 for t in (self.scales, self.in_scales))
         return self.packed.numel() * 8 + self.tables.numel() * 16 + scales
 
     def indices(self) -> torch.Tensor:
@@ -69,7 +81,9 @@ class Palette:
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized [out, in] weight: each index looked up in its row's table (reference path)."""
         w = self.tables.to(dtype)[self.row_groups()[:, None], self.indices()]
-        return w if self.scales is None else w * self.scales.to(dtype)[:, None]
+        if self.scales is not None:
+            w = w * self.scales.to(dtype)[:, None]
+        return w if self.in_scales is None else w * self.in_scales.to(dtype)[None, :]
 
     @classmethod
     def of(
@@ -79,14 +93,23 @@ class Palette:
         group_size: int = 16,
         importance: torch.Tensor | None = None,
         row_scale: bool = False,
+        in_scales: torch.Tensor | None = None,
     ) -> Palette:
-        """Palettize an [out, in] weight; `importance` [out, in] or [in] weights each value's error."""
+        """Palettize an [out, in] weight; `importance` [out, in] or [in] weights each value's error;
+        `in_scales` [in] (positive, kept in float16) divides the columns before clustering."""
         check_bits(bits)
         if group_size < 0:
             raise ValueError(f"group size must be 0 (one table per tensor) or positive, not {group_size}")
         w = weight.detach().float()
         out, inn = w.shape
         imp = None if importance is None else importance.float().expand(out, inn)
+        if in_scales is not None:
+            in_scales = in_scales.detach().to(TABLE_DTYPE)
+            if tuple(in_scales.shape) != (inn,) or not bool((in_scales.float() > 0).all()):
+                raise ValueError(f"input scales of a [{out}, {inn}] weight must be {inn} positive values")
+            s_in = in_scales.float().to(w.device)[None, :]
+            w = w / s_in
+            imp = None if imp is None else imp * s_in.square()  # an error in w/s costs s² in w
         scales = None
         if row_scale:
             scales = w.abs().amax(1).clamp_min(1e-6).to(TABLE_DTYPE)
@@ -109,7 +132,7 @@ class Palette:
             tables[first : first + count] = stored.to(TABLE_DTYPE)
             # indices of the nearest *stored* (float16) entry, so a lookup gives the best value there is
             idx[rows] = nearest(vals, stored).view(-1, inn)
-        return cls(pack(idx, bits), tables, bits, group_size, inn, scales)
+        return cls(pack(idx, bits), tables, bits, group_size, inn, scales, in_scales)
 
 
 def row_groups(out: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:

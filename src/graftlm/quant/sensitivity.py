@@ -6,8 +6,8 @@
   compares tensors with one another when the mixed-bit plan chooses their widths.
 - Activation: the mean square of each input feature, E[x_j²] (the importance matrix of llama.cpp): the
   output error of a linear layer is Σ_j E[x_j²]·(W − Q)_ij² when features are uncorrelated.
-- Gram: E[x xᵀ] of each projection's input, the Hessian of its output error, for GPTQ (`gptq.py`); its
-  diagonal is the activation statistic.
+- Gram: E[x xᵀ] of each projection's input (a tied embedding's: the output head's), the Hessian of its
+  output error, for GPTQ (`gptq.py`); its diagonal is the activation statistic.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Sensitivity:
     fisher: dict[str, torch.Tensor]  # [out, in] per palettizable weight
     activation: dict[str, torch.Tensor]  # [in]: E[x²] of the weight's input features
     tokens: int  # calibration tokens scored
-    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # [in, in]: E[x xᵀ], projections only
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # [in, in]: E[x xᵀ] of what multiplies the weight
 
 
 def check_calibration(sequences: Sequence[Sequence[int]]) -> int:
@@ -66,7 +66,8 @@ def measure(
         w.requires_grad_(True)
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     act = {name: torch.zeros(w.shape[1], dtype=torch.float64, device=w.device) for name, w in weights.items()}
-    grams = {n: torch.zeros(w.shape[1], w.shape[1], device=w.device) for n, w in weights.items() if n != EMBED and gram}
+    multiplied = [n for n in weights if n != EMBED or model.config.tie_word_embeddings]  # a tied one: as the head
+    grams = {n: torch.zeros(weights[n].shape[1], weights[n].shape[1], device=model.device) for n in multiplied if gram}
     hooks = _activation_hooks(model, act, grams)
     try:
         for seq in sequences:
