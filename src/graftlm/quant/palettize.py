@@ -85,19 +85,13 @@ def palettize(
         importance = _importance(name, config.weighting, sensitivity)
         gram = sensitivity.gram.get(name) if sensitivity is not None and config.gptq else None
         norm = float(w.square().sum())
+        scale_choices = _in_scale_choices(name, w, config, sensitivity)  # the same at every width
         options[name] = []
         for bits in config.choices:
-            best: tuple[float, Palette, torch.Tensor] | None = None
-            for in_scales in _in_scale_choices(name, w, config, sensitivity):
-                p = Palette.of(w, bits, config.group_size, importance, config.row_scale, in_scales)
-                if gram is not None:
-                    p = refine(p, w, gram)
-                q = p.dense()
-                cost = _loss_cost(name, q, w, sensitivity, gram)
-                if best is None or cost < best[0]:
-                    best = (cost, p, q)
-            assert best is not None
-            cost, p, q = best
+            cost, p, q = min(
+                (_candidate(name, w, bits, s, config, importance, gram, sensitivity) for s in scale_choices),
+                key=lambda c: c[0],
+            )
             sq = float((q - w).square().sum())
             options[name].append(Option(bits, p.storage_bits, cost, sq / max(norm, 1e-30)))
             made[name, bits] = p
@@ -123,6 +117,24 @@ def palettize(
         "plan": plan.rows(),
     }
     return plan, record
+
+
+def _candidate(
+    name: str,
+    w: torch.Tensor,
+    bits: int,
+    in_scales: torch.Tensor | None,
+    config: PalettizeConfig,
+    importance: torch.Tensor | None,
+    gram: torch.Tensor | None,
+    sensitivity: Sensitivity | None,
+) -> tuple[float, Palette, torch.Tensor]:
+    """One way to palettize W at `bits`: (its estimated loss, the palette, its dequantized weight)."""
+    p = Palette.of(w, bits, config.group_size, importance, config.row_scale, in_scales)
+    if gram is not None:
+        p = refine(p, w, gram)
+    q = p.dense()
+    return _loss_cost(name, q, w, sensitivity, gram), p, q
 
 
 def _loss_cost(
