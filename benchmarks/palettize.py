@@ -2,16 +2,22 @@
 
 Peer: the uncompressed model (float32) it was made from. Variants: uniform 4-bit, uniform 2-bit and the
 3.5-bit mix, with and without its recovery adapter (graftlm's defaults throughout: 16-row tables, row
-scales, input scales where they help, activation-weighted k-means, GPTQ index assignment, sensitivities
-from 128 self-written calibration samples; the recovery adapter is `graftlm recover` with its defaults,
-applied unmerged). Every variant is measured in its own process, so resident memory is its own.
+scales, input scales where they help, activation-weighted k-means, GPTQ index assignment, the output head
+at 4 bits or more in the mix, sensitivities from 128 self-written calibration samples; the recovery
+adapter is `graftlm recover` with its defaults, applied unmerged). Every variant is measured in its own
+process, so resident memory is its own.
 
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
 
 Held-out text: the Python Language Reference as shipped in CPython (`pydoc_data.topics`), written by
 the Python developers; calibration never sees it. Task scores: the model zero-shot on the first
-`--task-limit` test examples of each example task (examples/*/test.jsonl). Built variants are cached
-under --work.
+`--task-limit` test examples of each example task (examples/*/test.jsonl).
+
+Task adapters, as Apple ships them: each example task's adapter trained on the uncompressed model
+(adapters/TASK, as `make demo` trains it, or trained here when missing or made for another base) against
+one trained on the 3.5-bit mix starting from its recovery adapter (`graftlm train --init-from`), same data
+and settings (the task's task.json), both scored on the whole test split. Built variants and adapters
+are cached under --work.
 """
 
 from __future__ import annotations
@@ -87,7 +93,8 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
 def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
     out = work / label.replace(" ", "-")
     layout = out / "palettization.json"
-    if not layout.exists() or "in_scale" not in json.loads(layout.read_text()):  # missing, or built before input scales
+    stale = "," in choices and "head_bits" not in json.loads(layout.read_text()) if layout.exists() else True
+    if stale:  # missing, or a mix built before the output head's floor
         cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
         subprocess.run([*cmd, "--choices", choices], check=True)
     return out
@@ -104,6 +111,69 @@ def recovery(model: str, student: str, work: Path) -> Path:
     return out
 
 
+def task_adapter(model: str, task: str, out: Path, init_from: Path | None = None) -> Path:
+    """The task's adapter on `model` (from `init_from` if given), trained unless `out` holds one for it."""
+    from graftlm.eval.runner import Task
+    from graftlm.model import catalog
+
+    record = out / "training.json"
+    parent = init_from / "training.json" if init_from is not None else None
+    if record.exists() and parent is not None and record.stat().st_mtime < parent.stat().st_mtime:
+        record.unlink()  # trained from an older recovery adapter
+    if record.exists():
+        base = json.loads(record.read_text())["base_model"]["fingerprint"]
+        m, _, _ = catalog.load(model)
+        if base == m.fingerprint():
+            return out
+    data = ROOT / "examples" / task
+    spec = Task.beside(data / "test.jsonl")
+    assert spec is not None
+    cmd = [sys.executable, "-m", "graftlm.cli.main", "train", "-m", model, "--data", str(data / "train.jsonl")]
+    cmd += ["--valid", str(data / "valid.jsonl"), "--out", str(out)]
+    flags = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch"}
+    for key, value in spec.train.items():
+        cmd += [flags[key], str(value)]
+    cmd += ["--init-from", str(init_from)] if init_from is not None else []
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def task_score(model_name: str, adapter: str, task: str) -> float:
+    """One task's score on its whole test split, the adapter applied unmerged (run through `--score`)."""
+    from graftlm.engine.generate import Generator
+    from graftlm.eval.runner import Task, evaluate
+    from graftlm.lora.peft_io import apply_adapter, read_adapter
+    from graftlm.model import catalog
+
+    model, tok, _ = catalog.load(model_name)
+    apply_adapter(model, read_adapter(Path(adapter)))
+    data = ROOT / "examples" / task / "test.jsonl"
+    spec = Task.beside(data)
+    assert spec is not None
+    return evaluate(Generator(model, tok), data, spec, label=task).score
+
+
+def task_adapter_table(args: argparse.Namespace, mix: str, recovered: Path) -> None:
+    table = Table(title="task adapters: trained on the uncompressed model vs on the 3.5-bit mix from its recovery")
+    for col in ("task", "metric", "float32 + adapter", "3.5-bit mix + adapter", "ratio", "training s (mix)"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task in TASKS:
+        mine = ROOT / "adapters" / task
+        float_adapter = task_adapter(args.model, task, mine if mine.exists() else args.work / f"float32-{task}")
+        mix_adapter = task_adapter(mix, task, args.work / f"mix-{task}", init_from=recovered)
+        scores = []
+        for name, adapter in ((args.model, float_adapter), (mix, mix_adapter)):
+            cmd = [sys.executable, __file__, "--score", task, "--measure", name, "--adapter", str(adapter)]
+            done = subprocess.run([*cmd, "--threads", str(args.threads)], check=True, capture_output=True, text=True)
+            scores.append(float(done.stdout.strip().splitlines()[-1]))
+        seconds = json.loads((mix_adapter / "training.json").read_text())["metrics"]["seconds"]
+        metric = json.loads((ROOT / "examples" / task / "task.json").read_text())["metric"]
+        print(task, scores, flush=True)
+        ratio = f"{scores[1] / scores[0]:.0%}" if scores[0] else "-"
+        table.add_row(task, metric, f"{scores[0]:.3f}", f"{scores[1]:.3f}", ratio, f"{seconds:.0f}")
+    Console().print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -113,9 +183,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/graftlm-bench-palettize"))
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
-    p.add_argument("--no-recovery", action="store_true", help="skip training and measuring the recovery adapter")
+    p.add_argument("--score", help=argparse.SUPPRESS)
+    p.add_argument("--no-recovery", action="store_true", help="skip the recovery adapter (and the task adapters)")
+    p.add_argument("--no-task-adapters", action="store_true", help="skip training and scoring the task adapters")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.score:
+        print(task_score(args.measure, args.adapter, args.score))
+        return
     if args.measure:
         print(json.dumps(measure(args.measure, args.tokens, args.task_limit, args.adapter)))
         return
@@ -144,6 +219,8 @@ def main() -> None:
             f"{r['ppl']:.2f}", f"{r['ppl'] / ref['ppl']:.2f}x", *scores,
         )  # fmt: skip
     Console().print(table)
+    if not args.no_recovery and not args.no_task_adapters:
+        task_adapter_table(args, models["3.5-bit mix"][0], Path(models["3.5-bit mix + recovery"][1] or ""))
 
 
 if __name__ == "__main__":

@@ -78,12 +78,31 @@ def test_input_scales_are_kept_only_where_they_lower_the_loss(tiny_dir: Path) ->
     assert sum(o.error for o in with_scales.choice.values()) < sum(o.error for o in without.choice.values())
 
 
+def test_a_mixed_plan_keeps_the_output_head_at_its_floor(tiny_dir: Path) -> None:
+    model, tok = load_checkpoint(tiny_dir)
+    sens = _sensitivity(model, tok)
+    floored = palettize(model, PalettizeConfig(bits=3.8, choices=(2, 3, 4, 6)), sens)[0]
+    assert floored.choice["embed_tokens"].bits == 4  # the tied head: at least HEAD_FLOOR, the rest pays for it
+    assert 3.75 <= floored.bits_per_weight <= 3.8
+    model, _ = load_checkpoint(tiny_dir)
+    higher = palettize(model, PalettizeConfig(bits=3.8, choices=(2, 3, 4, 6), head_bits=6), sens)[0]
+    assert higher.choice["embed_tokens"].bits == 6
+    assert 3.75 <= higher.bits_per_weight <= 3.8
+    projections = [n for n in higher.choice if n != "embed_tokens"]
+    assert sum(higher.choice[n].bits for n in projections) < sum(floored.choice[n].bits for n in projections)
+    model, _ = load_checkpoint(tiny_dir)
+    uniform = palettize(model, PalettizeConfig(bits=2, choices=(2,)), sens)[0]  # one width: no plan, no floor
+    assert {o.bits for o in uniform.choice.values()} == {2}
+
+
 def test_bad_requests_get_clear_errors(tiny_dir: Path) -> None:
     for bits in (1.5, 8.5):
         with pytest.raises(PalettizeError, match="between 2 and 8"):
             PalettizeConfig(bits=bits)
     with pytest.raises(PalettizeError, match="among"):
         PalettizeConfig(choices=(5,))
+    with pytest.raises(PalettizeError, match="output head needs at least 4 bits"):
+        PalettizeConfig(bits=2.5, choices=(2, 3))
     model, tok = load_checkpoint(tiny_dir)
     with pytest.raises(CalibrationError, match="too short"):
         measure(model, [tok.encode("a short text")])

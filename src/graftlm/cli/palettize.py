@@ -18,7 +18,7 @@ from graftlm.model.catalog import load
 from graftlm.model.load_hf import LAYOUT_FILE
 from graftlm.quant.checkpoint import save_palettized
 from graftlm.quant.pack import BITS
-from graftlm.quant.palettize import WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
+from graftlm.quant.palettize import HEAD_FLOOR, WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
 from graftlm.quant.plan import Plan
 from graftlm.quant.sensitivity import CalibrationError, measure
 from graftlm.train.synthetic import self_generated
@@ -69,6 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="no float16 input-column scales (otherwise tried per weight and kept where they lower the loss)",
     )
+    p.add_argument(
+        "--head-bits",
+        type=int,
+        default=HEAD_FLOOR,
+        help=f"the least width the output head (a tied embedding) gets in a mixed plan; its loss on the model's "
+        f"own calibration text understates its loss on real text (default: {HEAD_FLOOR}; 0: no floor)",
+    )
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
     g.add_argument("--calib-samples", type=int, default=128, help="self-written samples without --calib (default 128)")
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise PalettizeError(f"--choices must be bit widths separated by commas, got {args.choices!r}") from e
     config = PalettizeConfig(
-        args.bits, choices, args.group_size, args.weighting, args.row_scale, args.gptq, args.in_scale
+        args.bits, choices, args.group_size, args.weighting, args.row_scale, args.gptq, args.in_scale, args.head_bits
     )
     model, tokenizer, source = load(args.model)
     if (source.checkpoint / LAYOUT_FILE).exists():
