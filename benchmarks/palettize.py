@@ -14,7 +14,7 @@ the Python developers; calibration never sees it. Task scores: the model zero-sh
 `--task-limit` test examples of each example task (examples/*/test.jsonl).
 
 Task adapters, as Apple ships them: each example task's adapter trained on the uncompressed model
-(adapters/TASK, as `make demo` trains it, or trained here when missing or made for another base) against
+(adapters/TASK, as `make demo` trains it, or trained under --work when missing or made for another base) against
 one trained on the 3.5-bit mix starting from its recovery adapter (`graftlm train --init-from`), same data
 and settings (the task's task.json), both scored on the whole test split. Built variants and adapters
 are cached under --work.
@@ -111,6 +111,11 @@ def recovery(model: str, student: str, work: Path) -> Path:
     return out
 
 
+def trained_on(adapter: Path, fingerprint: str) -> bool:
+    record = adapter / "training.json"
+    return record.exists() and json.loads(record.read_text())["base_model"]["fingerprint"] == fingerprint
+
+
 def task_adapter(model: str, task: str, out: Path, init_from: Path | None = None) -> Path:
     """The task's adapter on `model` (from `init_from` if given), trained unless `out` holds one for it."""
     from graftlm.eval.runner import Task
@@ -118,13 +123,9 @@ def task_adapter(model: str, task: str, out: Path, init_from: Path | None = None
 
     record = out / "training.json"
     parent = init_from / "training.json" if init_from is not None else None
-    if record.exists() and parent is not None and record.stat().st_mtime < parent.stat().st_mtime:
-        record.unlink()  # trained from an older recovery adapter
-    if record.exists():
-        base = json.loads(record.read_text())["base_model"]["fingerprint"]
-        m, _, _ = catalog.load(model)
-        if base == m.fingerprint():
-            return out
+    stale = record.exists() and parent is not None and record.stat().st_mtime < parent.stat().st_mtime
+    if not stale and trained_on(out, catalog.load(model)[0].fingerprint()):
+        return out
     data = ROOT / "examples" / task
     spec = Task.beside(data / "test.jsonl")
     assert spec is not None
@@ -157,9 +158,12 @@ def task_adapter_table(args: argparse.Namespace, mix: str, recovered: Path) -> N
     table = Table(title="task adapters: trained on the uncompressed model vs on the 3.5-bit mix from its recovery")
     for col in ("task", "metric", "float32 + adapter", "3.5-bit mix + adapter", "ratio", "training s (mix)"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    from graftlm.model import catalog
+
+    fingerprint = catalog.load(args.model)[0].fingerprint()
     for task in TASKS:
-        mine = ROOT / "adapters" / task
-        float_adapter = task_adapter(args.model, task, mine if mine.exists() else args.work / f"float32-{task}")
+        mine = ROOT / "adapters" / task  # as `make demo` trained it, if it was trained on this model
+        float_adapter = mine if trained_on(mine, fingerprint) else task_adapter(args.model, task, args.work / task)
         mix_adapter = task_adapter(mix, task, args.work / f"mix-{task}", init_from=recovered)
         scores = []
         for name, adapter in ((args.model, float_adapter), (mix, mix_adapter)):
