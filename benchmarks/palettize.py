@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -32,7 +33,10 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
+
+from graftlm.eval.runner import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("summarize", "proofread", "extract")
@@ -57,7 +61,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     from graftlm.engine.generate import Generator
     from graftlm.engine.sampling import SamplingParams
     from graftlm.eval.perplexity import perplexity, text_chunks
-    from graftlm.eval.runner import Task, evaluate
+    from graftlm.eval.runner import evaluate
     from graftlm.model import catalog
 
     model, tok, source = catalog.load(model_name)
@@ -77,9 +81,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     out["ppl"] = perplexity(model, text_chunks(tok, held_out_text(), 512, tokens))
     for task in TASKS:
         data = ROOT / "examples" / task / "test.jsonl"
-        spec = Task.beside(data)
-        assert spec is not None
-        out[task] = evaluate(gen, data, spec, limit=task_limit, label=task).score
+        out[task] = evaluate(gen, data, example_task(task), limit=task_limit, label=task).score
     files = [f for f in source.checkpoint.iterdir() if f.suffix == ".safetensors"]
     extra = sum(f.stat().st_size for f in Path(adapter).glob("*.safetensors")) if adapter else 0
     out["size_mib"] = (sum(f.stat().st_size for f in files) + extra) / 2**20
@@ -111,70 +113,72 @@ def recovery(model: str, student: str, work: Path) -> Path:
     return out
 
 
+def example_task(task: str) -> Task:
+    spec = Task.beside(ROOT / "examples" / task / "test.jsonl")
+    assert spec is not None, f"examples/{task} has no task.json"
+    return spec
+
+
 def trained_on(adapter: Path, fingerprint: str) -> bool:
     record = adapter / "training.json"
     return record.exists() and json.loads(record.read_text())["base_model"]["fingerprint"] == fingerprint
 
 
-def task_adapter(model: str, task: str, out: Path, init_from: Path | None = None) -> Path:
-    """The task's adapter on `model` (from `init_from` if given), trained unless `out` holds one for it."""
-    from graftlm.eval.runner import Task
-    from graftlm.model import catalog
+def task_adapter(model: str, fingerprint: str, task: str, out: Path, init_from: Path | None = None) -> Path:
+    """The task's adapter on `model` (from `init_from` if given) with the task's own settings, as `make demo`
+    trains it; trained unless `out` holds one for this model that is newer than `init_from`."""
+    from graftlm.lora.config import LoraConfig
+    from graftlm.train.sft import DataSpec, train_adapter
+    from graftlm.train.trainer import TrainConfig
 
     record = out / "training.json"
     parent = init_from / "training.json" if init_from is not None else None
     stale = record.exists() and parent is not None and record.stat().st_mtime < parent.stat().st_mtime
-    if not stale and trained_on(out, catalog.load(model)[0].fingerprint()):
+    if not stale and trained_on(out, fingerprint):
         return out
-    data = ROOT / "examples" / task
-    spec = Task.beside(data / "test.jsonl")
-    assert spec is not None
-    cmd = [sys.executable, "-m", "graftlm.cli.main", "train", "-m", model, "--data", str(data / "train.jsonl")]
-    cmd += ["--valid", str(data / "valid.jsonl"), "--out", str(out)]
-    flags = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch"}
-    for key, value in spec.train.items():
-        cmd += [flags[key], str(value)]
-    cmd += ["--init-from", str(init_from)] if init_from is not None else []
-    subprocess.run(cmd, check=True)
+    data = DataSpec(ROOT / "examples" / task / "train.jsonl", ROOT / "examples" / task / "valid.jsonl")
+    config = TrainConfig(**example_task(task).train)  # type: ignore[arg-type]
+    train_adapter(model, data, out, LoraConfig(), config, init_from=init_from)
     return out
 
 
 def task_score(model_name: str, adapter: str, task: str) -> float:
     """One task's score on its whole test split, the adapter applied unmerged (run through `--score`)."""
     from graftlm.engine.generate import Generator
-    from graftlm.eval.runner import Task, evaluate
+    from graftlm.eval.runner import evaluate
     from graftlm.lora.peft_io import apply_adapter, read_adapter
     from graftlm.model import catalog
 
     model, tok, _ = catalog.load(model_name)
     apply_adapter(model, read_adapter(Path(adapter)))
-    data = ROOT / "examples" / task / "test.jsonl"
-    spec = Task.beside(data)
-    assert spec is not None
-    return evaluate(Generator(model, tok), data, spec, label=task).score
+    return evaluate(
+        Generator(model, tok), ROOT / "examples" / task / "test.jsonl", example_task(task), label=task
+    ).score
 
 
 def task_adapter_table(args: argparse.Namespace, mix: str, recovered: Path) -> None:
+    from graftlm.model import catalog
+
     table = Table(title="task adapters: trained on the uncompressed model vs on the 3.5-bit mix from its recovery")
     for col in ("task", "metric", "float32 + adapter", "3.5-bit mix + adapter", "ratio", "training s (mix)"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
-    from graftlm.model import catalog
-
-    fingerprint = catalog.load(args.model)[0].fingerprint()
+    fingerprints = {name: catalog.load(name)[0].fingerprint() for name in (args.model, mix)}
     for task in TASKS:
         mine = ROOT / "adapters" / task  # as `make demo` trained it, if it was trained on this model
-        float_adapter = mine if trained_on(mine, fingerprint) else task_adapter(args.model, task, args.work / task)
-        mix_adapter = task_adapter(mix, task, args.work / f"mix-{task}", init_from=recovered)
+        if trained_on(mine, fingerprints[args.model]):
+            float_adapter = mine
+        else:
+            float_adapter = task_adapter(args.model, fingerprints[args.model], task, args.work / task)
+        mix_adapter = task_adapter(mix, fingerprints[mix], task, args.work / f"mix-{task}", init_from=recovered)
         scores = []
         for name, adapter in ((args.model, float_adapter), (mix, mix_adapter)):
             cmd = [sys.executable, __file__, "--score", task, "--measure", name, "--adapter", str(adapter)]
             done = subprocess.run([*cmd, "--threads", str(args.threads)], check=True, capture_output=True, text=True)
             scores.append(float(done.stdout.strip().splitlines()[-1]))
         seconds = json.loads((mix_adapter / "training.json").read_text())["metrics"]["seconds"]
-        metric = json.loads((ROOT / "examples" / task / "task.json").read_text())["metric"]
         print(task, scores, flush=True)
         ratio = f"{scores[1] / scores[0]:.0%}" if scores[0] else "-"
-        table.add_row(task, metric, f"{scores[0]:.3f}", f"{scores[1]:.3f}", ratio, f"{seconds:.0f}")
+        table.add_row(task, example_task(task).metric, f"{scores[0]:.3f}", f"{scores[1]:.3f}", ratio, f"{seconds:.0f}")
     Console().print(table)
 
 
@@ -192,6 +196,8 @@ def main() -> None:
     p.add_argument("--no-task-adapters", action="store_true", help="skip training and scoring the task adapters")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])  # training runs in here
     if args.score:
         print(task_score(args.measure, args.adapter, args.score))
         return
