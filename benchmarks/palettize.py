@@ -95,8 +95,8 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
 def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
     out = work / label.replace(" ", "-")
     layout = out / "palettization.json"
-    stale = "," in choices and "head_bits" not in json.loads(layout.read_text()) if layout.exists() else True
-    if stale:  # missing, or a mix built before the output head's floor
+    record = json.loads(layout.read_text()) if layout.exists() else {}
+    if "tuning" not in record:  # missing, or built before tables and scales were tuned
         cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
         subprocess.run([*cmd, "--choices", choices], check=True)
     return out

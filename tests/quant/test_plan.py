@@ -13,6 +13,7 @@ from graftlm.quant.model import palettized_modules
 from graftlm.quant.palettize import PalettizeConfig, PalettizeError, palettize
 from graftlm.quant.plan import Option, allocate
 from graftlm.quant.sensitivity import CalibrationError, Sensitivity, measure
+from graftlm.quant.tune import TUNE_STEPS
 from tests.conftest import CORPUS
 
 
@@ -120,6 +121,7 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert main(["palettize", str(tiny_dir), "--out", str(out), "--calib", str(calib), "--calib-length", "64"]) == 0
     layout = json.loads((out / "palettization.json").read_text())
     assert abs(layout["bits_per_weight"] - 3.5) <= 0.05 and len(layout["plan"]) == len(layout["weights"])
+    assert layout["tuning"]["steps"] == TUNE_STEPS  # tables and scales tuned by default
     assert main(["generate", "-m", str(out), "--raw", "-n", "4", "The quick"]) == 0
     data = tmp_path / "train.jsonl"
     lines = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in "ab"]
@@ -137,3 +139,4 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert json.loads((task / "training.json").read_text())["init_from"]["path"] == str(adapter)
     assert main(["palettize", str(out), "--out", str(tmp_path / "again")]) == 2  # already palettized
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
+    assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--tune-steps", "-1"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from collections import Counter
@@ -16,12 +17,15 @@ from rich.table import Table
 from graftlm.eval.perplexity import text_chunks
 from graftlm.model.catalog import load
 from graftlm.model.load_hf import LAYOUT_FILE
+from graftlm.model.tokenizer import Tokenizer
 from graftlm.quant.checkpoint import save_palettized
 from graftlm.quant.pack import BITS
 from graftlm.quant.palettize import HEAD_FLOOR, WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
 from graftlm.quant.plan import Plan
 from graftlm.quant.sensitivity import CalibrationError, measure
+from graftlm.quant.tune import TUNE_BATCH, TUNE_LR, TUNE_STEPS, tune_palettes
 from graftlm.train.synthetic import self_generated
+from graftlm.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calib-samples", type=int, default=128, help="self-written samples without --calib (default 128)")
     g.add_argument("--calib-length", type=int, default=256, help="tokens per calibration sequence (default 256)")
     g.add_argument("--seed", type=int, default=0, help="seed of the self-written calibration text")
+    t = p.add_argument_group("tuning (tables and scales trained to imitate the uncompressed model)")
+    t.add_argument(
+        "--tune-steps",
+        type=int,
+        default=TUNE_STEPS,
+        help=f"steps of 8 calibration sequences, KL to the uncompressed model (default {TUNE_STEPS}; 0: no tuning)",
+    )
+    t.add_argument("--tune-lr", type=float, default=TUNE_LR, help=f"peak learning rate (default {TUNE_LR})")
     p.set_defaults(run=run)
+
+
+def _pad(tokenizer: Tokenizer) -> int:
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
 
 def _bar() -> Progress:
@@ -103,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
         raise PalettizeError(f"{args.model} is already palettized; palettize the uncompressed model instead")
     t0 = time.perf_counter()
     source_fingerprint = model.fingerprint()
-    sensitivity = None
-    if config.needs_calibration:
+    if args.tune_steps < 0:
+        raise PalettizeError(f"--tune-steps must be 0 (no tuning) or more, not {args.tune_steps}")
+    sensitivity = sequences = None
+    if config.needs_calibration or args.tune_steps:
         if args.calib:
             texts = [f.read_text(encoding="utf-8") for f in args.calib]
             sequences = text_chunks(tokenizer, texts, args.calib_length)
@@ -118,13 +136,20 @@ def run(args: argparse.Namespace) -> int:
             origin = f"{args.calib_samples} self-written samples, seed {args.seed}"
         if not sequences:
             raise CalibrationError("the calibration text is empty")
+    if config.needs_calibration and sequences:
         with _bar() as bar:
             task = bar.add_task("measuring sensitivity", total=len(sequences))
             sensitivity = measure(model, sequences, lambda: bar.advance(task), gram=config.gptq)
         log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
+    teacher = copy.deepcopy(model) if args.tune_steps else None
     with _bar() as bar:
         task = bar.add_task("k-means tables", total=candidates(model))
         plan, record = palettize(model, config, sensitivity, lambda _: bar.advance(task))
+    if teacher is not None and sequences:
+        tune = TrainConfig(lr=args.tune_lr, batch_size=TUNE_BATCH, max_length=args.calib_length, seed=args.seed)
+        result = tune_palettes(model, teacher, sequences, tune, args.tune_steps, _pad(tokenizer))
+        record["tuning"] = {"steps": result.steps, "lr": args.tune_lr, "final_kl": result.train_loss}
+        del teacher
     record["source"] = {"model": args.model, "fingerprint": source_fingerprint}
     save_palettized(args.out, model, tokenizer, record)
     _report(plan, record, args.out, time.perf_counter() - t0)
@@ -146,3 +171,6 @@ def _report(plan: Plan, record: dict[str, Any], out: Path, seconds: float) -> No
         f"{plan.bits_per_weight:.3f} bits per weight (target {record['target_bits']}; {mix}); "
         f"{size / 2**20:.1f} MB in {out}; {seconds:.0f} s"
     )
+    if "tuning" in record:
+        t = record["tuning"]
+        console.print(f"tables and scales tuned: {t['steps']} steps, KL to the uncompressed model {t['final_kl']:.4f}")

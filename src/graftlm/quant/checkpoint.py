@@ -22,7 +22,7 @@ from graftlm.model.llama import Llama
 from graftlm.model.load_hf import LAYOUT_FILE, hf_state_dict, save_checkpoint
 from graftlm.model.tokenizer import Tokenizer
 from graftlm.quant.linear import PalettizedEmbedding, PalettizedLinear
-from graftlm.quant.model import EMBED, palettized_modules
+from graftlm.quant.model import EMBED, palettized_modules, replace_module
 
 FORMAT = "graftlm-palettized"
 VERSION = 1
@@ -53,8 +53,7 @@ class Layout:
                 if name == EMBED:
                     model.embed_tokens = PalettizedEmbedding(layer, dtype)
                     continue
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, layer)
+                replace_module(model, name, layer)
 
         return swap
 

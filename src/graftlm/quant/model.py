@@ -43,12 +43,16 @@ def apply_palettes(model: Llama, palettes: dict[str, Palette]) -> Llama:
             if model.config.tie_word_embeddings:
                 model.lm_head = layer
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, attr)
-        setattr(parent, attr, PalettizedLinear(palette, None if old.bias is None else old.bias.detach()))
+        old = model.get_submodule(name)
+        replace_module(model, name, PalettizedLinear(palette, None if old.bias is None else old.bias.detach()))
     model._fingerprint = None
     return model
+
+
+def replace_module(model: Llama, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule at path `name` is."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def palettized_modules(model: Llama) -> Iterator[tuple[str, PalettizedLinear]]:

@@ -1,5 +1,5 @@
-"""The SFT loop for LoRA adapters: AdamW, linear warmup then cosine decay, gradient accumulation,
-validation on a schedule, checkpoints with exact resume, and a progress bar."""
+"""The training loop (LoRA adapters, palette tuning): AdamW, linear warmup then cosine decay, gradient
+accumulation, validation on a schedule, checkpoints with exact resume, and a progress bar."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.model import add_lora, load_lora_state, lora_layers
@@ -83,37 +84,26 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-class Trainer:
+class Loop:
+    """The optimisation loop over any parameters of a model: AdamW, warmup and cosine decay, gradient
+    accumulation and clipping, validation on a schedule, checkpoints with exact resume, a progress bar.
+    `Trainer` is it for LoRA adapters; palette tuning (`graftlm.quant.tune`) runs it on lookup tables."""
+
     def __init__(
         self,
         model: Llama,
-        lora: LoraConfig,
+        params: dict[str, nn.Parameter],
         config: TrainConfig,
         pad_id: int,
         checkpoint_dir: Path | None = None,
-        init: Adapter | None = None,
         loss: Callable[[Llama, Batch], tuple[torch.Tensor, int]] = completion_loss,
     ):
-        """init: an adapter to start from (its weights; `lora` must be its settings), e.g. the recovery
-        adapter of a palettized base, which the new adapter then carries with it. loss: summed loss of a
+        """params: the parameters to train, by name (checkpoints key them so). loss: summed loss of a
         batch and its target count (default: completion cross-entropy; distillation passes its KL)."""
-        self.loss = loss
-        self.model, self.lora, self.config, self.pad_id = model, lora, config, pad_id
+        self.model, self.params, self.config, self.pad_id = model, params, config, pad_id
         self.checkpoint_dir = checkpoint_dir
-        torch.manual_seed(config.seed)  # LoRA init and dropout: same seed, same adapter
-        add_lora(model, lora)
-        if init is not None:
-            if init.config != lora:
-                raise AdapterError(f"{init.path}: a task adapter started from it takes its settings ({init.config})")
-            check_fits(init, model)
-            load_lora_state(model, init.tensors)
-        self.params = {
-            f"{path}.{name}": p
-            for path, layer in lora_layers(model)
-            for name, p in layer.named_parameters()
-            if not name.startswith("base.")
-        }
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        self.loss = loss
+        self.optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
 
     def run(
         self,
@@ -121,6 +111,7 @@ class Trainer:
         valid: list[Example] | None = None,
         resume: bool = False,
         on_step: Callable[[int, float], None] | None = None,
+        description: str = "training",
     ) -> TrainResult:
         c = self.config
         per_epoch = math.ceil(math.ceil(len(train) / c.batch_size) / c.grad_accum)  # batches per epoch, in steps
@@ -134,7 +125,7 @@ class Trainer:
         t0 = time.perf_counter() - state["seconds"]
         last_loss = float("nan")
         with _progress() as bar:
-            task = bar.add_task("training", total=total, completed=state["step"], loss="-", tps="-")
+            task = bar.add_task(description, total=total, completed=state["step"], loss="-", tps="-")
             for step, micro in self._steps(train, state["step"], total):
                 for g in self.optimizer.param_groups:
                     g["lr"] = c.lr * lr_factor(step, total, warmup_steps)
@@ -182,6 +173,38 @@ class Trainer:
                 if step >= start:
                     yield step, [collate(b, self.pad_id) for b in batches[i : i + c.grad_accum]]
                 step += 1
+
+
+class Trainer(Loop):
+    """The loop for a LoRA adapter: adds the adapter to the model and trains its weights."""
+
+    def __init__(
+        self,
+        model: Llama,
+        lora: LoraConfig,
+        config: TrainConfig,
+        pad_id: int,
+        checkpoint_dir: Path | None = None,
+        init: Adapter | None = None,
+        loss: Callable[[Llama, Batch], tuple[torch.Tensor, int]] = completion_loss,
+    ):
+        """init: an adapter to start from (its weights; `lora` must be its settings), e.g. the recovery
+        adapter of a palettized base, which the new adapter then carries with it."""
+        self.lora = lora
+        torch.manual_seed(config.seed)  # LoRA init and dropout: same seed, same adapter
+        add_lora(model, lora)
+        if init is not None:
+            if init.config != lora:
+                raise AdapterError(f"{init.path}: a task adapter started from it takes its settings ({init.config})")
+            check_fits(init, model)
+            load_lora_state(model, init.tensors)
+        params = {
+            f"{path}.{name}": p
+            for path, layer in lora_layers(model)
+            for name, p in layer.named_parameters()
+            if not name.startswith("base.")
+        }
+        super().__init__(model, params, config, pad_id, checkpoint_dir, loss)
 
     def config_record(self) -> dict[str, Any]:
         return {"train": asdict(self.config), "lora": self.lora.to_peft()}
