@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Replace every projection and the embedding by indices into small k-means lookup tables (one "
             "table per group of output rows, float16), choosing each weight's width from --choices so that "
             "the whole model averages --bits bits per weight with the least estimated loss. Sensitivities "
-            "come from calibration text: --calib files, or text the model writes itself. The output is a "
+            "come from calibration text: --calib files, or text the model writes itself. Last, the tables and "
+            "scales are tuned by KL to the uncompressed model on that text (--tune-steps). The output is a "
             "checkpoint directory every graftlm command loads."
         ),
     )
