@@ -17,7 +17,6 @@ from rich.table import Table
 from graftlm.eval.perplexity import text_chunks
 from graftlm.model.catalog import load
 from graftlm.model.load_hf import LAYOUT_FILE
-from graftlm.model.tokenizer import Tokenizer
 from graftlm.quant.checkpoint import save_palettized
 from graftlm.quant.pack import BITS
 from graftlm.quant.palettize import HEAD_FLOOR, WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
@@ -97,10 +96,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _pad(tokenizer: Tokenizer) -> int:
-    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
-
-
 def _bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
@@ -148,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         plan, record = palettize(model, config, sensitivity, lambda _: bar.advance(task))
     if teacher is not None and sequences:
         tune = TrainConfig(lr=args.tune_lr, batch_size=TUNE_BATCH, max_length=args.calib_length, seed=args.seed)
-        result = tune_palettes(model, teacher, sequences, tune, args.tune_steps, _pad(tokenizer))
+        result = tune_palettes(model, teacher, sequences, tune, args.tune_steps, tokenizer.pad_id)
         record["tuning"] = {"steps": result.steps, "lr": args.tune_lr, "final_kl": result.train_loss}
         del teacher
     record["source"] = {"model": args.model, "fingerprint": source_fingerprint}

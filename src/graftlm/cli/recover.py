@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank)
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch, max_length=args.length, seed=args.seed)
-    pad = tok.eos_id if tok.eos_id is not None else 0
+    pad = tok.pad_id
     result = train_recovery(teacher, student, examples, args.out, lora, config, pad, record)
     Console(stderr=True).print(
         f"wrote {args.out}: {result.steps} steps on {result.tokens} tokens, final KL {result.train_loss:.4f} per token"

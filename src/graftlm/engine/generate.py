@@ -41,7 +41,7 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
-        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        self.pad_id = tokenizer.pad_id
 
     @property
     def context_window(self) -> int:

@@ -107,7 +107,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = model.device
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
-        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        self.pad_id = tokenizer.pad_id
         self.max_len = min(config.max_len, model.config.max_position_embeddings)
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.adapter_dtype]
         slot_bytes = AdapterSlots.slot_bytes(model, config.max_rank, dtype)

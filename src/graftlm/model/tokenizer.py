@@ -60,6 +60,13 @@ class Tokenizer:
     def eos_id(self) -> int | None:
         return self.token_id(self.eos_token)
 
+    @property
+    def pad_id(self) -> int:
+        """What pads a batch's short rows: the end-of-text token, or 0 without one (padded positions are
+        masked out, so any id does)."""
+        eos = self.eos_id
+        return 0 if eos is None else eos
+
     def stop_ids(self, config_eos: Sequence[int] = ()) -> set[int]:
         """Ids that end generation: the model's EOS ids plus known end-of-turn tokens in the vocab."""
         ids = set(config_eos)

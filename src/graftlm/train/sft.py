@@ -58,7 +58,7 @@ def train_adapter(
         f", {len(valid)} validation examples" if valid else "",
     )
     fingerprint = model.fingerprint()
-    pad = tok.eos_id if tok.eos_id is not None else 0
+    pad = tok.pad_id
     init = read_adapter(init_from) if init_from is not None else None
     if init is not None:
         lora = init.config
