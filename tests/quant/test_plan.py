@@ -118,8 +118,10 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(CORPUS * 3))
     out = tmp_path / "pal"
-    assert main(["palettize", str(tiny_dir), "--out", str(out), "--calib", str(calib), "--calib-length", "64"]) == 0
+    command = ["palettize", str(tiny_dir), "--out", str(out), "--calib", str(calib), "--calib-length", "64"]
+    assert main([*command, "--calib-samples", "20"]) == 0
     layout = json.loads((out / "palettization.json").read_text())
+    assert layout["calibration_tokens"] <= 20 * 64 and layout["calibration"].startswith("20 pieces of")
     assert abs(layout["bits_per_weight"] - 3.5) <= 0.05 and len(layout["plan"]) == len(layout["weights"])
     assert layout["tuning"]["steps"] == TUNE_STEPS  # tables and scales tuned by default
     assert main(["generate", "-m", str(out), "--raw", "-n", "4", "The quick"]) == 0
@@ -140,3 +142,4 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert main(["palettize", str(out), "--out", str(tmp_path / "again")]) == 2  # already palettized
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--tune-steps", "-1"]) == 2
+    assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--calib-samples", "0"]) == 2

@@ -82,7 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
-    g.add_argument("--calib-samples", type=int, default=128, help="self-written samples without --calib (default 128)")
+    g.add_argument(
+        "--calib-samples",
+        type=int,
+        default=128,
+        help="calibration sequences: samples the model writes, or at most this many pieces spread evenly over "
+        "the --calib text (default 128)",
+    )
     g.add_argument("--calib-length", type=int, default=256, help="tokens per calibration sequence (default 256)")
     g.add_argument("--seed", type=int, default=0, help="seed of the self-written calibration text")
     t = p.add_argument_group("tuning (tables and scales trained to imitate the uncompressed model)")
@@ -102,6 +108,13 @@ def _bar() -> Progress:
     )
 
 
+def spread(pieces: list[list[int]], n: int) -> list[list[int]]:
+    """At most `n` of `pieces`, evenly spaced, so a long file is sampled throughout and not just its start."""
+    if len(pieces) <= n:
+        return pieces
+    return [pieces[i * len(pieces) // n] for i in range(n)]
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         choices = tuple(sorted({int(c) for c in args.choices.split(",") if c.strip()}))
@@ -117,12 +130,14 @@ def run(args: argparse.Namespace) -> int:
     source_fingerprint = model.fingerprint()
     if args.tune_steps < 0:
         raise PalettizeError(f"--tune-steps must be 0 (no tuning) or more, not {args.tune_steps}")
+    if args.calib_samples < 1:
+        raise PalettizeError(f"--calib-samples must be 1 or more, not {args.calib_samples}")
     sensitivity = sequences = None
     if config.needs_calibration or args.tune_steps:
         if args.calib:
             texts = [f.read_text(encoding="utf-8") for f in args.calib]
-            sequences = text_chunks(tokenizer, texts, args.calib_length)
-            origin = ", ".join(map(str, args.calib))
+            sequences = spread(text_chunks(tokenizer, texts, args.calib_length), args.calib_samples)
+            origin = f"{len(sequences)} pieces of {', '.join(map(str, args.calib))}"
         else:
             with _bar() as bar:
                 task = bar.add_task("the model writes calibration text", total=args.calib_samples)
@@ -147,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         record["tuning"] = {"steps": result.steps, "lr": args.tune_lr, "final_kl": result.train_loss}
         del teacher
     record["source"] = {"model": args.model, "fingerprint": source_fingerprint}
+    if sequences:
+        record["calibration"] = origin
     save_palettized(args.out, model, tokenizer, record)
     _report(plan, record, args.out, time.perf_counter() - t0)
     return 0
