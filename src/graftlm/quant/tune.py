@@ -59,9 +59,10 @@ class _Dequant(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
         tables, row, col, flat = ctx.saved_tensors
         base = tables.reshape(-1)[flat].view(row.numel(), col.numel())
-        g_row = (grad * base * col[None, :]).sum(1)
+        need_row, need_col = ctx.needs_input_grad[1:3]  # a layer without those scales passes constant ones
+        g_row = (grad * base * col[None, :]).sum(1) if need_row else None
         g_base = grad * row[:, None]
-        g_col = (g_base * base).sum(0)
+        g_col = (g_base * base).sum(0) if need_col else None
         g_base.mul_(col[None, :])
         g_tables = torch.bincount(flat, weights=g_base.reshape(-1), minlength=tables.numel())
         return g_tables.to(tables.dtype).view(tables.shape), g_row, g_col, None
