@@ -3,14 +3,16 @@
 Peer: the uncompressed model (float32) it was made from. Variants: uniform 4-bit, uniform 2-bit and the
 3.5-bit mix, with and without its recovery adapter (graftlm's defaults throughout: 16-row tables, row
 scales, input scales where they help, activation-weighted k-means, GPTQ index assignment, the output head
-at 4 bits or more in the mix, sensitivities from 128 self-written calibration samples; the recovery
-adapter is `graftlm recover` with its defaults, applied unmerged). Every variant is measured in its own
-process, so resident memory is its own.
+at 4 bits or more in the mix, tables and scales tuned; the recovery adapter is `graftlm recover` with its
+defaults, applied unmerged). Calibration, tuning and recovery text: real text from the tasks' domain, as a
+user would give it with `--calib`/`--data` (the inputs of every 6th training example of the example tasks,
+~33k tokens; see `calibration_text`); recovery adds the 128 texts the teacher writes by default. Every
+variant is measured in its own process, so resident memory is its own.
 
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
 
 Held-out text: the Python Language Reference as shipped in CPython (`pydoc_data.topics`), written by
-the Python developers; calibration never sees it. Task scores: the model zero-shot on the first
+the Python developers; calibration never sees it, nor any test example. Task scores: the model zero-shot on the first
 `--task-limit` test examples of each example task (examples/*/test.jsonl).
 
 Task adapters, as Apple ships them: each example task's adapter trained on the uncompressed model
@@ -92,24 +94,45 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     return out
 
 
-def build(model: str, work: Path, label: str, bits: str, choices: str) -> Path:
-    out = work / label.replace(" ", "-")
-    layout = out / "palettization.json"
-    record = json.loads(layout.read_text()) if layout.exists() else {}
-    if "tuning" not in record:  # missing, or built before tables and scales were tuned
-        cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
-        subprocess.run([*cmd, "--choices", choices], check=True)
+CALIBRATION_EVERY = 6  # every 6th training input: ~33k tokens, the size of 128 self-written samples
+
+
+def calibration_text(work: Path) -> Path:
+    """Real text from the user's domain for calibration and recovery, as a user would give it: the inputs
+    of every 6th training example of the example tasks (Debian package descriptions, sentences of Debian's
+    translations, changelog entries). Neither the held-out text nor any test example is in it."""
+    out = work / "calibration.txt"
+    inputs = []
+    for task in TASKS:
+        lines = (ROOT / "examples" / task / "train.jsonl").read_text(encoding="utf-8").splitlines()
+        for line in lines[::CALIBRATION_EVERY]:
+            user = json.loads(line)["messages"][0]["content"]
+            inputs.append(user.split("\n\n", 1)[-1])  # the text, without the task's instruction
+    text = "\n\n".join(inputs)
+    if not out.exists() or out.read_text(encoding="utf-8") != text:
+        work.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
     return out
 
 
-def recovery(model: str, student: str, work: Path) -> Path:
+def build(model: str, work: Path, label: str, bits: str, choices: str, calib: Path) -> Path:
+    out = work / label.replace(" ", "-")
+    layout = out / "palettization.json"
+    record = json.loads(layout.read_text()) if layout.exists() else {}
+    if str(calib) not in record.get("calibration", ""):  # missing, or built from other calibration text
+        cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
+        subprocess.run([*cmd, "--choices", choices, "--calib", str(calib)], check=True)
+    return out
+
+
+def recovery(model: str, student: str, work: Path, data: Path) -> Path:
     out = work / "recovery"
     weights = out / "adapter_model.safetensors"
     if weights.exists() and weights.stat().st_mtime < (Path(student) / "palettization.json").stat().st_mtime:
         weights.unlink()  # made for an older build of the student
     if not weights.exists():
         cmd = [sys.executable, "-m", "graftlm.cli.main", "recover", "--teacher", model, "--student", student]
-        subprocess.run([*cmd, "--out", str(out)], check=True)
+        subprocess.run([*cmd, "--data", str(data), "--out", str(out)], check=True)
     return out
 
 
@@ -204,12 +227,13 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.tokens, args.task_limit, args.adapter)))
         return
+    calib = calibration_text(args.work)
     models: dict[str, tuple[str, str | None]] = {"uncompressed (float32)": (args.model, None)}
     for label, (bits, choices) in VARIANTS.items():
-        models[label] = (str(build(args.model, args.work, label, bits, choices)), None)
+        models[label] = (str(build(args.model, args.work, label, bits, choices, calib)), None)
     if not args.no_recovery:
         mix = models["3.5-bit mix"][0]
-        models["3.5-bit mix + recovery"] = (mix, str(recovery(args.model, mix, args.work)))
+        models["3.5-bit mix + recovery"] = (mix, str(recovery(args.model, mix, args.work, calib)))
     rows = {}
     for label, (name, adapter) in models.items():
         cmd = [sys.executable, __file__, "--measure", name, "--tokens", str(args.tokens)]
