@@ -39,12 +39,12 @@ def data(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _trainer(tiny_dir: Path, ckpt: Path | None = None, **kw: object) -> Trainer:
     model, tok = load_checkpoint(tiny_dir)
     cfg = TrainConfig(**{"lr": 1e-2, "epochs": 6, "batch_size": 4, "eval_every": 0, **kw})  # type: ignore[arg-type]
-    return Trainer(model, LoraConfig(r=4, alpha=8), cfg, tok.eos_id or 0, ckpt)
+    return Trainer(model, LoraConfig(r=4, alpha=8), cfg, tok.pad_id, ckpt)
 
 
 def test_loss_matches_transformers_masked_labels(tiny_dir: Path, data: Path) -> None:
     model, tok = load_checkpoint(tiny_dir)
-    batch = collate(load_examples(data, tok, 64)[:4], tok.eos_id or 0)
+    batch = collate(load_examples(data, tok, 64)[:4], tok.pad_id)
     loss, n = completion_loss(model, batch)
     labels = batch.tokens.masked_fill(~batch.targets, -100)
     ref = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -58,7 +58,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(tiny_dir: Path, data
     tok = load_checkpoint(tiny_dir)[1]
     examples = load_examples(data, tok, 64)
     before_weights = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
-    before = evaluate_loss(trainer.model, examples, 8, tok.eos_id or 0)
+    before = evaluate_loss(trainer.model, examples, 8, tok.pad_id)
     result = trainer.run(examples, examples)
     assert result.valid_loss is not None and result.valid_loss < before / 3
     after = trainer.model.state_dict()
@@ -119,7 +119,7 @@ def test_a_task_adapter_can_start_from_another_adapter(tiny_dir: Path, data: Pat
 
     start = random_adapter(tiny_dir, LoraConfig(r=4, alpha=8, targets=("q_proj", "down_proj")), seed=5)
     model, tok = load_checkpoint(tiny_dir)
-    trainer = Trainer(model, start.config, TrainConfig(max_steps=2, lr=1e-3), tok.eos_id or 0, init=start)
+    trainer = Trainer(model, start.config, TrainConfig(max_steps=2, lr=1e-3), tok.pad_id, init=start)
     before = lora_state_dict(model)
     assert before.keys() == start.tensors.keys()
     assert all(torch.equal(before[k], start.tensors[k]) for k in before)
