@@ -12,8 +12,8 @@ variant is measured in its own process, so resident memory is its own.
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
 
 Held-out text: the Python Language Reference as shipped in CPython (`pydoc_data.topics`), written by
-the Python developers; calibration never sees it, nor any test example. Task scores: the model zero-shot on the first
-`--task-limit` test examples of each example task (examples/*/test.jsonl).
+the Python developers; calibration never sees it, nor any test example. Task scores: the model zero-shot
+on the first `--task-limit` test examples of each example task (examples/*/test.jsonl).
 
 Task adapters, as Apple ships them: each example task's adapter trained on the uncompressed model
 (adapters/TASK, as `make demo` trains it, or trained under --work when missing or made for another base) against
