@@ -119,7 +119,8 @@ def build(model: str, work: Path, label: str, bits: str, choices: str, calib: Pa
     out = work / label.replace(" ", "-")
     layout = out / "palettization.json"
     record = json.loads(layout.read_text()) if layout.exists() else {}
-    if str(calib) not in record.get("calibration", ""):  # missing, or built from other calibration text
+    made_from = str(calib) in record.get("calibration", "") and layout.stat().st_mtime > calib.stat().st_mtime
+    if not made_from:  # missing, or built from other (or older) calibration text
         cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
         subprocess.run([*cmd, "--choices", choices, "--calib", str(calib)], check=True)
     return out
