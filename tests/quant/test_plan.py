@@ -124,6 +124,8 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert layout["calibration_tokens"] <= 20 * 64 and layout["calibration"].startswith("20 pieces of")
     assert abs(layout["bits_per_weight"] - 3.5) <= 0.05 and len(layout["plan"]) == len(layout["weights"])
     assert layout["tuning"]["steps"] == TUNE_STEPS  # tables and scales tuned by default
+    measured = layout["measured_kl"]  # the plan's estimates scaled to KLs measured on 4 pieces by default
+    assert set(measured["kl"]) == set(layout["weights"]) and measured["tokens"] == 4 * 64
     assert main(["generate", "-m", str(out), "--raw", "-n", "4", "The quick"]) == 0
     data = tmp_path / "train.jsonl"
     lines = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in "ab"]
@@ -143,3 +145,4 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--tune-steps", "-1"]) == 2
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--calib-samples", "0"]) == 2
+    assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--kl-samples", "-1"]) == 2

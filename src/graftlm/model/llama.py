@@ -203,6 +203,23 @@ class Llama(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last decoder layer's output [B, S, hidden], before the final norm (see `forward`)."""
+        ctx = self.context(tokens, positions, cache, start, key_valid, adapters, attn_mask)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return x
+
+    def context(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        key_valid: torch.Tensor | None = None,
+        adapters: AdapterBatch | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> ForwardContext:
+        """What the decoder layers need to run on `tokens` [B, S] (see `forward`): rotary tables and mask."""
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
@@ -214,11 +231,7 @@ class Llama(nn.Module):
         dtype = self.dtype
         if adapters is not None and not adapters.any:
             adapters = None
-        ctx = ForwardContext(cos.to(dtype), sin.to(dtype), cache, start, mask, is_causal, adapters)
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        return x
+        return ForwardContext(cos.to(dtype), sin.to(dtype), cache, start, mask, is_causal, adapters)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [..., V] from hidden states [..., hidden] (so training can pick positions first)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from graftlm.quant.model import EMBED, HEAD, apply_palettes, dense_weights, is_p
 from graftlm.quant.pack import BITS
 from graftlm.quant.palette import Palette
 from graftlm.quant.plan import Option, Plan, allocate
+from graftlm.quant.probe import KLProbe
 from graftlm.quant.sensitivity import CalibrationError, Sensitivity
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ def palettize(
     config: PalettizeConfig,
     sensitivity: Sensitivity | None = None,
     on_weight: Callable[[str], None] | None = None,
+    probe: KLProbe | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
-    """Palettize `model` in place by a mixed-bit plan; return the plan and its record for the layout file."""
+    """Palettize `model` in place by a mixed-bit plan; return the plan and its record for the layout file.
+    With a `probe` (of this model) each weight's estimated losses are scaled to one measured KL (`_calibrate`)."""
     if is_palettized(model):
         raise PalettizeError("the model is already palettized; palettize the uncompressed model instead")
     if config.needs_calibration and sensitivity is None:
@@ -91,6 +94,7 @@ def palettize(
         raise CalibrationError("GPTQ needs the input Gram matrices: measure the sensitivity with gram=True")
     options: dict[str, list[Option]] = {}
     made: dict[tuple[str, int], Palette] = {}
+    measured: dict[str, tuple[int, float]] = {}  # by weight: (width, its KL) where the probe measured it
     weights = dict(dense_weights(model))
     head = EMBED if model.config.tie_word_embeddings else HEAD
     for name, w in weights.items():
@@ -111,12 +115,17 @@ def palettize(
             sq = float((q - w).square().sum())
             options[name].append(Option(bits, p.storage_bits, cost, sq / max(norm, 1e-30)))
             made[name, bits] = p
+        if probe is not None and len(config.choices) > 1:
+            ref = min(widths, key=lambda b: (abs(b - config.bits), b))
+            measured[name] = ref, probe.kl(name, made[name, ref].dense())
         if on_weight is not None:
             on_weight(name)
     shared = {id(w) for w in weights.values()}
     fixed = sum(
         p.numel() * p.element_size() * 8 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in shared
     )
+    if measured:
+        options = _calibrate(options, measured)
     plan = allocate(options, fixed, model.num_parameters(), config.bits)
     apply_palettes(model, {name: made[name, o.bits] for name, o in plan.choice.items()})
     log.info("palettized %d weights: %.3f bits per weight", len(plan.choice), plan.bits_per_weight)
@@ -133,7 +142,27 @@ def palettize(
         "calibration_tokens": 0 if sensitivity is None else sensitivity.tokens,
         "plan": plan.rows(),
     }
+    if measured and probe is not None:
+        record["measured_kl"] = {
+            "tokens": probe.tokens,
+            "kl": {n: {"bits": b, "kl": v} for n, (b, v) in measured.items()},
+        }
     return plan, record
+
+
+def _calibrate(options: dict[str, list[Option]], measured: dict[str, tuple[int, float]]) -> dict[str, list[Option]]:
+    """Each weight's estimated losses scaled so that the width the probe measured has its measured KL
+    (see `probe.py`); the plan then compares KLs. A weight whose ratio cannot be formed (an estimate or a
+    KL of zero) takes the median ratio of the others, so all stay in one unit."""
+    ratios: dict[str, float] = {}
+    for name, (bits, kl) in measured.items():
+        est = next(o.error for o in options[name] if o.bits == bits)
+        if est > 0 and kl > 0:
+            ratios[name] = kl / est
+    fallback = float(torch.tensor(list(ratios.values())).median()) if ratios else 1.0
+    return {
+        name: [replace(o, error=o.error * ratios.get(name, fallback)) for o in opts] for name, opts in options.items()
+    }
 
 
 def _candidate(

@@ -1,8 +1,9 @@
 """The mixed-bit plan: a bit width for every weight so the model meets a bits-per-weight budget with the
 least estimated loss.
 
-Each weight has options (bits, storage, error), the error being the sensitivity-weighted squared error of
-its palettization at that width. Choosing one option per weight to minimise total error under a storage
+Each weight has options (bits, storage, error), the error being the estimated loss of its palettization
+at that width (sensitivity-weighted output error, scaled to a measured KL where `probe.py` measured one,
+see `palettize._calibrate`). Choosing one option per weight to minimise total error under a storage
 budget is a multiple-choice knapsack; its Lagrangian relaxation (each weight takes the option minimising
 error + λ·storage, λ found by bisection) lands on the lower convex hull of every weight's options, and a
 greedy pass then spends what is left of the budget on the upgrades with the best error saved per bit.
