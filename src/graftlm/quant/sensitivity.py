@@ -3,7 +3,8 @@
 - Fisher: the diagonal of the empirical Fisher information, Σ (∂loss/∂w)² over calibration sequences.
   Σ F·(W − Q)² approximates the loss a quantization Q of W adds (a second-order Taylor expansion with the
   Fisher standing in for the Hessian), so it both weights k-means (SqueezeLLM, Kim et al., 2024) and
-  compares tensors with one another when the mixed-bit plan chooses their widths.
+  compares tensors with one another when the mixed-bit plan chooses their widths (scaled per tensor to a
+  loss measured end to end, `probe.py`).
 - Activation: the mean square of each input feature, E[x_j²] (the importance matrix of llama.cpp): the
   output error of a linear layer is Σ_j E[x_j²]·(W − Q)_ij² when features are uncorrelated.
 - Gram: E[x xᵀ] of each projection's input (a tied embedding's: the output head's), the Hessian of its
