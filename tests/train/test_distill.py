@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from graftlm.cli.main import main
+from graftlm.eval.perplexity import text_chunks
 from graftlm.lora.peft_io import apply_adapter, read_adapter
 from graftlm.model.load_hf import load_checkpoint
 from graftlm.quant.checkpoint import save_palettized
@@ -13,6 +14,7 @@ from graftlm.quant.palettize import PalettizeConfig, palettize
 from graftlm.train.data import collate
 from graftlm.train.distill import as_examples, kl_loss
 from graftlm.train.synthetic import self_generated
+from tests.conftest import CORPUS
 
 
 def _student(tiny_dir: Path, out: Path) -> Path:
@@ -55,3 +57,28 @@ def test_recover_closes_the_gap_on_text_it_never_saw(tiny_dir: Path, tmp_path: P
     apply_adapter(student, read_adapter(out))  # the fingerprint is the student's: no force needed
     after = _mean_kl(teacher, student, held)
     assert after < 0.85 * before, (before, after)
+
+
+def test_recover_takes_at_most_data_samples_pieces_of_its_data(tiny_dir: Path, tmp_path: Path) -> None:
+    student_dir = _student(tiny_dir, tmp_path / "student")
+    data = tmp_path / "data.txt"
+    data.write_text(" ".join(CORPUS * 4))
+    _, tok = load_checkpoint(tiny_dir)
+    assert len(text_chunks(tok, [data.read_text()], 32)) > 6
+    out = tmp_path / "recovery"
+    args = [
+        "recover",
+        "--teacher",
+        str(tiny_dir),
+        "--student",
+        str(student_dir),
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+    ]
+    args += ["--samples", "2", "--length", "32", "--epochs", "1", "--batch", "4", "--rank", "2"]
+    assert main([*args, "--data-samples", "6"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["data"]["pieces"] == 6 and record["data"]["self_written"] == 2
+    assert main([*args, "--data-samples", "0"]) == 2

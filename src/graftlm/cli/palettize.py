@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from graftlm.eval.perplexity import text_chunks
+from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.model.catalog import load
 from graftlm.model.load_hf import LAYOUT_FILE
 from graftlm.quant.checkpoint import save_palettized
@@ -119,13 +119,6 @@ def _bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     )
-
-
-def spread(pieces: list[list[int]], n: int) -> list[list[int]]:
-    """At most `n` of `pieces`, evenly spaced, so a long file is sampled throughout and not just its start."""
-    if len(pieces) <= n:
-        return pieces
-    return [pieces[i * len(pieces) // n] for i in range(n)]
 
 
 def run(args: argparse.Namespace) -> int:

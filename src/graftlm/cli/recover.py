@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from graftlm.eval.perplexity import text_chunks
+from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.lora.config import LoraConfig
 from graftlm.model.catalog import load
 from graftlm.train.distill import RecoveryRecord, as_examples, train_recovery
 from graftlm.train.synthetic import self_generated
 from graftlm.train.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# --data pieces used at most: 512 of 256 tokens plus the 128 the teacher writes, two epochs, are about half
+# an hour on 2 cores for SmolLM2-135M; a larger corpus is sampled evenly instead of costing hours
+DATA_SAMPLES = 512
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", required=True, help="the compressed model directory (graftlm palettize)")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. adapters/recovery)")
     p.add_argument("--data", type=Path, action="append", default=[], help="more plain-text training text (repeatable)")
+    p.add_argument(
+        "--data-samples",
+        type=int,
+        default=DATA_SAMPLES,
+        help=f"at most this many --data pieces of --length tokens, spread evenly over the files "
+        f"(default {DATA_SAMPLES})",
+    )
     p.add_argument("--samples", type=int, default=128, help="texts the teacher writes (default 128)")
     p.add_argument("--length", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on all seven projections (default 16)")
@@ -41,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_samples < 1:
+        raise ValueError(f"--data-samples must be 1 or more, not {args.data_samples}")
     teacher, tok, _ = load(args.teacher)
     student, s_tok, s_source = load(args.student)
     if tok.vocab_size != s_tok.vocab_size:
@@ -53,13 +69,23 @@ def run(args: argparse.Namespace) -> int:
             teacher, tok, args.samples, args.length, args.seed + 10_000, lambda n: bar.advance(task, n)
         )
     examples = as_examples(sequences, "teacher")
+    pieces: list[list[int]] = []
     if args.data:
         texts = [f.read_text(encoding="utf-8") for f in args.data]
-        examples += as_examples(text_chunks(tok, texts, args.length), "data")
+        found = text_chunks(tok, texts, args.length)
+        pieces = spread(found, args.data_samples)
+        if len(pieces) < len(found):
+            log.info("--data: %d of its %d pieces, spread evenly (--data-samples)", len(pieces), len(found))
+        examples += as_examples(pieces, "data")
     record = RecoveryRecord(
         teacher={"name": args.teacher, "fingerprint": teacher.fingerprint()},
         student={"name": args.student, "origin": str(s_source.origin)},
-        data={"self_written": len(sequences), "seed": args.seed, "files": [str(f) for f in args.data]},
+        data={
+            "self_written": len(sequences),
+            "seed": args.seed,
+            "files": [str(f) for f in args.data],
+            "pieces": len(pieces),
+        },
     )
     lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank)
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch, max_length=args.length, seed=args.seed)

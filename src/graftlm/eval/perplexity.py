@@ -27,6 +27,13 @@ def text_chunks(
     return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len) if len(stream[i : i + seq_len]) > 1]
 
 
+def spread(pieces: list[list[int]], n: int) -> list[list[int]]:
+    """At most `n` of `pieces`, evenly spaced, so a long file is sampled throughout and not just its start."""
+    if len(pieces) <= n:
+        return pieces
+    return [pieces[i * len(pieces) // n] for i in range(n)]
+
+
 @torch.inference_mode()
 def perplexity(
     model: Llama, sequences: Sequence[Sequence[int]], on_sequence: Callable[[], None] | None = None
