@@ -35,12 +35,12 @@ class KLProbe:
         self.model = model
         self.layer_of = {module_path(i, t).removeprefix("model."): i for i, t, _ in projections(model)}
         self.ids = [torch.tensor([list(s)], device=model.device) for s in sequences]
+        self.contexts = [model.context(ids) for ids in self.ids]  # rotary tables and mask, per sequence
         self.tokens = sum(len(s) for s in sequences)
         self.inputs: list[list[torch.Tensor]] = []  # per sequence, each decoder layer's input
         self.last: list[torch.Tensor] = []  # per sequence, the last decoder layer's output
         self.reference: list[torch.Tensor] = []  # per sequence, log-probabilities [S, V]
-        for ids in self.ids:
-            ctx = model.context(ids)
+        for ids, ctx in zip(self.ids, self.contexts, strict=True):
             x, kept = model.embed_tokens(ids), []
             for layer in model.layers:
                 kept.append(x)
@@ -72,8 +72,7 @@ class KLProbe:
         i = self.layer_of.get(name)
         if i is None:  # the embedding: everything after it
             return self.model(ids)[0]
-        ctx = self.model.context(ids)
         x = self.inputs[n][i]
         for layer in self.model.layers[i:]:
-            x = layer(x, ctx)
+            x = layer(x, self.contexts[n])
         return self.model.logits(x)[0]
