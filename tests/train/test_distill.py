@@ -50,6 +50,7 @@ def test_recover_closes_the_gap_on_text_it_never_saw(tiny_dir: Path, tmp_path: P
     assert main(args) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["kind"] == "accuracy-recovery" and record["teacher"]["name"] == str(tiny_dir)
+    assert record["init"]["method"] == "error" and 0 < record["init"]["removed"] < 1
     teacher, tok = load_checkpoint(tiny_dir)
     held = self_generated(teacher, tok, 4, 48, seed=999)  # text the adapter never saw
     student, _ = load_checkpoint(student_dir)
@@ -78,7 +79,8 @@ def test_recover_takes_at_most_data_samples_pieces_of_its_data(tiny_dir: Path, t
         str(data),
     ]
     args += ["--samples", "2", "--length", "32", "--epochs", "1", "--batch", "4", "--rank", "2"]
-    assert main([*args, "--data-samples", "6"]) == 0
+    assert main([*args, "--data-samples", "6", "--init", "zero"]) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["data"]["pieces"] == 6 and record["data"]["self_written"] == 2
+    assert record["init"] == {"method": "zero"}
     assert main([*args, "--data-samples", "0"]) == 2

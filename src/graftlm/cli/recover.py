@@ -11,8 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.lora.config import LoraConfig
+from graftlm.lora.peft_io import Adapter
 from graftlm.model.catalog import load
+from graftlm.model.llama import Llama
 from graftlm.train.distill import RecoveryRecord, as_examples, train_recovery
+from graftlm.train.eora import error_init
 from graftlm.train.synthetic import self_generated
 from graftlm.train.trainer import TrainConfig
 
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 # --data pieces used at most: 512 of 256 tokens plus the 128 the teacher writes, two epochs, are about half
 # an hour on 2 cores for SmolLM2-135M; a larger corpus is sampled evenly instead of costing hours
 DATA_SAMPLES = 512
+# sequences whose inputs weigh the compression error for --init error (spread over all training text)
+GRAM_SAMPLES = 128
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init",
+        choices=("error", "zero"),
+        default="error",
+        help="start from the compression error at the adapter's rank, weighted by the student's inputs "
+        "(EoRA; default), or from zero as a new LoRA does",
+    )
     p.set_defaults(run=run)
 
 
@@ -61,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
     student, s_tok, s_source = load(args.student)
     if tok.vocab_size != s_tok.vocab_size:
         raise ValueError(f"{args.teacher} and {args.student} have different vocabularies")
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-    ) as bar:
+    with _bar() as bar:
         task = bar.add_task("the teacher writes training text", total=args.samples)
         sequences = self_generated(
             teacher, tok, args.samples, args.length, args.seed + 10_000, lambda n: bar.advance(task, n)
@@ -77,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         if len(pieces) < len(found):
             log.info("--data: %d of its %d pieces, spread evenly (--data-samples)", len(pieces), len(found))
         examples += as_examples(pieces, "data")
+    lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank)
+    init, init_record = None, {"method": "zero"}
+    if args.init == "error":
+        init, init_record = _error_start(teacher, student, spread(sequences + pieces, GRAM_SAMPLES), lora)
     record = RecoveryRecord(
         teacher={"name": args.teacher, "fingerprint": teacher.fingerprint()},
         student={"name": args.student, "origin": str(s_source.origin)},
@@ -86,12 +100,30 @@ def run(args: argparse.Namespace) -> int:
             "files": [str(f) for f in args.data],
             "pieces": len(pieces),
         },
+        init=init_record,
     )
-    lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank)
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch, max_length=args.length, seed=args.seed)
     pad = tok.pad_id
-    result = train_recovery(teacher, student, examples, args.out, lora, config, pad, record)
+    result = train_recovery(teacher, student, examples, args.out, lora, config, pad, record, init=init)
     Console(stderr=True).print(
         f"wrote {args.out}: {result.steps} steps on {result.tokens} tokens, final KL {result.train_loss:.4f} per token"
     )
     return 0
+
+
+def _error_start(
+    teacher: Llama, student: Llama, text: list[list[int]], lora: LoraConfig
+) -> tuple[Adapter, dict[str, object]]:
+    """The adapter that cancels most of the student's compression error on `text`'s inputs, and its record."""
+    with _bar() as bar:
+        task = bar.add_task("measuring the student's inputs", total=len(text))
+        tensors, removed = error_init(teacher, student, text, lora, lambda: bar.advance(task))
+    log.info("the adapter starts from the compression error at rank %d: %.1f%% of it removed", lora.r, 100 * removed)
+    record: dict[str, object] = {"method": "error", "sequences": len(text), "removed": removed}
+    return Adapter(lora, tensors, student.fingerprint()), record
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    )

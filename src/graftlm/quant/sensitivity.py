@@ -93,6 +93,31 @@ def measure(
     return Sensitivity(fisher, stats, tokens, {k: v / n for k, v in grams.items()})
 
 
+@torch.inference_mode()
+def input_grams(
+    model: Llama,
+    sequences: Sequence[Sequence[int]],
+    names: Sequence[str],
+    on_sequence: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """E[x xᵀ] [in, in] of the inputs of each named projection (module paths as `weight_names` gives them)
+    over `sequences`, from forward passes alone."""
+    width = {n: model.get_submodule(n).in_features for n in names}
+    act = {n: torch.zeros(width[n], dtype=torch.float64, device=model.device) for n in names}
+    grams = {n: torch.zeros(width[n], width[n], device=model.device) for n in names}
+    hooks = _activation_hooks(model, act, grams)
+    try:
+        for seq in sequences:
+            model(torch.tensor([list(seq)], device=model.device))
+            if on_sequence is not None:
+                on_sequence()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(sum(len(s) for s in sequences), 1)
+    return {k: v / n for k, v in grams.items()}
+
+
 def _activation_hooks(
     model: Llama, act: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]
 ) -> list[torch.utils.hooks.RemovableHandle]:

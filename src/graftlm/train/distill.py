@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from graftlm import __version__
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
-from graftlm.lora.peft_io import save_adapter
+from graftlm.lora.peft_io import Adapter, save_adapter
 from graftlm.model.llama import Llama
 from graftlm.train.data import Batch, Example
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
@@ -64,6 +64,7 @@ class RecoveryRecord:
     teacher: dict[str, str]
     student: dict[str, str]
     data: dict[str, object]
+    init: dict[str, object]  # what the adapter started from
 
 
 def train_recovery(
@@ -76,14 +77,16 @@ def train_recovery(
     pad_id: int,
     record: RecoveryRecord,
     storage_dtype: str = "bfloat16",
+    init: Adapter | None = None,
 ) -> TrainResult:
-    """Train the recovery adapter on `student` against `teacher` and write it (PEFT format) to `out`."""
+    """Train the recovery adapter on `student` against `teacher` and write it (PEFT format) to `out`;
+    `init`: the weights it starts from (`eora.error_init`) instead of LoRA's B = 0."""
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError("teacher and student must share a vocabulary")
     fingerprint = student.fingerprint()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    trainer = Trainer(student, lora, config, pad_id, loss=kl_loss(teacher))
+    trainer = Trainer(student, lora, config, pad_id, init=init, loss=kl_loss(teacher))
     result = trainer.run(examples)
     meta = {
         "graftlm_version": __version__,
@@ -91,6 +94,7 @@ def train_recovery(
         "base_model": {**record.student, "fingerprint": fingerprint},
         "teacher": record.teacher,
         "data": record.data,
+        "init": record.init,
         "config": trainer.config_record(),
         "metrics": {
             "steps": result.steps,
