@@ -359,7 +359,11 @@ async def _next(q: asyncio.Queue[Output], request: Request, req: Any) -> Output:
 
 def serve(engine: Engine, app: FastAPI, host: str, port: int) -> None:
     """Serve HTTP from a background thread while the engine runs on this one (see `Engine.run_forever`);
-    returns when the HTTP server stops (or on Ctrl-C), failing requests still running."""
+    returns when the HTTP server stops, failing requests still running. Ctrl-C (SIGINT) or SIGTERM asks the
+    HTTP server to stop and raises KeyboardInterrupt once everything is down; a second Ctrl-C interrupts at
+    once. (A KeyboardInterrupt raised at an arbitrary point of the engine loop could land inside a lock or
+    the adapter loader and leave shutdown waiting on it.)"""
+    import signal
     import threading
 
     import uvicorn
@@ -370,6 +374,16 @@ def serve(engine: Engine, app: FastAPI, host: str, port: int) -> None:
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="graftlm-http", daemon=True)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stopping.set()
+        server.should_exit = True
+
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set from there
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     thread.start()
     try:
         engine.run_forever(until=lambda: not thread.is_alive())
@@ -377,3 +391,7 @@ def serve(engine: Engine, app: FastAPI, host: str, port: int) -> None:
         server.should_exit = True
         thread.join(timeout=10)
         engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping.is_set():
+        raise KeyboardInterrupt
