@@ -10,6 +10,7 @@ from graftlm.lora.peft_io import Adapter, apply_adapter
 from graftlm.model.load_hf import load_checkpoint
 from graftlm.train.eora import error_init, low_rank_error
 from graftlm.train.synthetic import self_generated
+from tests.conftest import write_tiny_checkpoint
 from tests.train.test_distill import _mean_kl, _student
 
 
@@ -61,3 +62,10 @@ def test_error_init_refuses_dora(tiny_dir: Path) -> None:
     teacher, _ = load_checkpoint(tiny_dir)
     with pytest.raises(AdapterError, match="DoRA"):
         error_init(teacher, teacher, [[1, 2, 3]], LoraConfig(r=2, use_dora=True))
+
+
+def test_error_init_refuses_a_teacher_of_another_depth(tiny_dir: Path, tmp_path: Path) -> None:
+    student, _ = load_checkpoint(tiny_dir)
+    teacher, _ = load_checkpoint(write_tiny_checkpoint(tmp_path / "shallow", num_hidden_layers=1))
+    with pytest.raises(AdapterError, match="no such projection"):
+        error_init(teacher, student, [[1, 2, 3]], LoraConfig(r=2))

@@ -65,6 +65,8 @@ def error_init(
     tensors: dict[str, torch.Tensor] = {}
     removed = []
     for path, module in chosen.items():
+        if path not in teachers:
+            raise AdapterError(f"{path}: the teacher has no such projection (the two models differ in depth)")
         w, q = dense(teachers[path]), dense(module)
         if w.shape != q.shape:
             raise AdapterError(f"{path}: the teacher's weight is {tuple(w.shape)}, the student's {tuple(q.shape)}")
