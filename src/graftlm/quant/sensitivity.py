@@ -8,7 +8,8 @@
 - Activation: the mean square of each input feature, E[x_j²] (the importance matrix of llama.cpp): the
   output error of a linear layer is Σ_j E[x_j²]·(W − Q)_ij² when features are uncorrelated.
 - Gram: E[x xᵀ] of each projection's input (a tied embedding's: the output head's), the Hessian of its
-  output error, for GPTQ (`gptq.py`); its diagonal is the activation statistic.
+  output error, for GPTQ (`gptq.py`) and the recovery adapter's start (`train/eora.py`); its diagonal is
+  the activation statistic.
 """
 
 from __future__ import annotations
