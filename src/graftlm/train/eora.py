@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
 from graftlm.lora.config import AdapterError, LoraConfig
+from graftlm.lora.layer import base_weight
 from graftlm.lora.model import PEFT_PREFIX, module_path, projections
 from graftlm.model.llama import Llama
-from graftlm.quant.linear import PalettizedLinear
 from graftlm.quant.sensitivity import input_grams
 
 # H is scaled to a mean eigenvalue of 1, plus this on its diagonal: directions the inputs never take
@@ -42,11 +41,6 @@ def low_rank_error(
     return b.float(), a.float(), removed
 
 
-def dense(module: nn.Module) -> torch.Tensor:
-    """[out, in] weight of a projection, dequantized if it is palettized."""
-    return module.dense_weight() if isinstance(module, PalettizedLinear) else module.weight.detach()
-
-
 def error_init(
     teacher: Llama,
     student: Llama,
@@ -67,7 +61,7 @@ def error_init(
     for path, module in chosen.items():
         if path not in teachers:
             raise AdapterError(f"{path}: the teacher has no such projection (the two models differ in depth)")
-        w, q = dense(teachers[path]), dense(module)
+        w, q = base_weight(teachers[path]).detach(), base_weight(module).detach()
         if w.shape != q.shape:
             raise AdapterError(f"{path}: the teacher's weight is {tuple(w.shape)}, the student's {tuple(q.shape)}")
         rank, _ = lora.rank_alpha(path)
