@@ -70,7 +70,7 @@ def measure(
     act = {name: torch.zeros(w.shape[1], dtype=torch.float64, device=w.device) for name, w in weights.items()}
     multiplied = [n for n in weights if n != EMBED or model.config.tie_word_embeddings]  # a tied one: as the head
     grams = {n: torch.zeros(weights[n].shape[1], weights[n].shape[1], device=model.device) for n in multiplied if gram}
-    hooks = _activation_hooks(model, act, grams)
+    hooks = _activation_hooks(model, list(act), act, grams)
     try:
         for seq in sequences:
             ids = torch.tensor([list(seq)], device=model.device)
@@ -104,9 +104,8 @@ def input_grams(
     """E[x xᵀ] [in, in] of the inputs of each named projection (module paths as `weight_names` gives them)
     over `sequences`, from forward passes alone."""
     width = {n: model.get_submodule(n).in_features for n in names}
-    act = {n: torch.zeros(width[n], dtype=torch.float64, device=model.device) for n in names}
     grams = {n: torch.zeros(width[n], width[n], device=model.device) for n in names}
-    hooks = _activation_hooks(model, act, grams)
+    hooks = _activation_hooks(model, names, None, grams)
     try:
         for seq in sequences:
             model(torch.tensor([list(seq)], device=model.device))
@@ -120,20 +119,26 @@ def input_grams(
 
 
 def _activation_hooks(
-    model: Llama, act: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]
+    model: Llama,
+    names: Sequence[str],
+    act: dict[str, torch.Tensor] | None,
+    grams: dict[str, torch.Tensor],
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks that add Σ x_j² of each weight's inputs into `act` (a tied embedding: the head's input; an
-    untied one is looked up, not multiplied, and keeps uniform statistics), and Σ x xᵀ into `grams`."""
+    """Hooks on each named weight's input (a tied embedding: the head's) that add Σ x_j² into `act`, where
+    given, and Σ x xᵀ into `grams` for the names it holds. An untied embedding is looked up, not
+    multiplied: it gets no hook and keeps uniform statistics."""
     hooks = []
-    for name in act:
+    for name in names:
         if name == EMBED and not model.config.tie_word_embeddings:
-            act[name] += 1.0
+            if act is not None:
+                act[name] += 1.0
             continue
         module: nn.Module = model.get_submodule(HEAD if name == EMBED else name)
 
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            act[name] += x.double().square().sum(0)
+            if act is not None:
+                act[name] += x.double().square().sum(0)
             if name in grams:
                 grams[name] += x.float().T @ x.float()
 
