@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.model.linear import Linear
+
 
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The dense [out, in] weight of a base projection (dequantized, for layers that store it packed)."""
@@ -101,7 +103,7 @@ class LoRALinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A plain `nn.Linear` equal to this layer (for export; the base layer is left untouched)."""
         w = self.merged_weight()
-        out = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        out = Linear(w.shape[1], w.shape[0], bias=self.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             out.weight.copy_(w)
             if self.bias is not None:

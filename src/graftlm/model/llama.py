@@ -1,7 +1,8 @@
 """The Llama-family forward: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings.
 
-Projections are plain `nn.Linear` attributes named as in Hugging Face checkpoints (`q_proj`, ...), so
-LoRA and palettized layers can replace them by composition without touching this file.
+Projections are `nn.Linear` attributes (`graftlm.model.linear.Linear`: a kernel for decoding's few-row
+products) named as in Hugging Face checkpoints (`q_proj`, ...), so LoRA and palettized layers can replace
+them by composition without touching this file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from graftlm.lora.batched import AdapterBatch, MultiLoRALinear
 from graftlm.model.config import LlamaConfig
 from graftlm.model.fingerprint import weights_fingerprint
+from graftlm.model.linear import Linear
 from graftlm.model.rope import RotaryTable, apply_rotary
 
 if TYPE_CHECKING:
@@ -40,10 +42,10 @@ class Attention(nn.Module):
         c = config
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, s, _ = x.shape  # x: [B, S, hidden]
@@ -65,9 +67,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         c = config
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate, up = ctx.project(self.gate_proj, x), ctx.project(self.up_proj, x)
@@ -143,7 +145,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_head()
         self.rotary = RotaryTable(config)

@@ -1,0 +1,57 @@
+"""The decode kernel against `F.linear` (the reference), and when it must step aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.model import linear
+from graftlm.model.linear import GEMV_MAX_ROWS, Linear
+
+needs_kernel = pytest.mark.skipif(linear.kernel() is None, reason="no C compiler for the gemv kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [0, 1, 3, 8])
+@pytest.mark.parametrize("shape", [(64, 576), (7, 33), (1536, 19)])  # in_f below, at and off the 32-wide unroll
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_equals_f_linear(rows: int, shape: tuple[int, int], bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows * 100 + shape[1])
+    out_f, in_f = shape
+    x = torch.randn(rows, in_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if bias else None
+    got = linear.gemv(x, w, b)
+    # sums of up to 576 products of size ~1 in another order: float32 rounding reaches ~1e-5 absolute
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_linear_takes_the_kernel_only_where_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = linear.gemv
+    monkeypatch.setattr(linear, "gemv", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
+    layer = Linear(32, 16)
+    x = torch.randn(GEMV_MAX_ROWS, 1, 32)  # one new token for each sequence of a decode step
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert calls == [GEMV_MAX_ROWS]
+        layer(torch.randn(1, GEMV_MAX_ROWS + 1, 32))  # a prefill: the BLAS product
+        layer(torch.randn(1, 64)[:, ::2])  # a strided input
+        layer.to(torch.bfloat16)(torch.randn(1, 32, dtype=torch.bfloat16))
+    assert calls == [GEMV_MAX_ROWS]
+    layer.float()
+    x = torch.randn(1, 32, requires_grad=True)
+    layer(x).sum().backward()  # training needs autograd's product
+    assert calls == [GEMV_MAX_ROWS] and x.grad is not None and layer.weight.grad is not None
+
+
+def test_linear_is_an_nn_linear_with_its_state_dict() -> None:
+    layer, plain = Linear(8, 4), nn.Linear(8, 4)
+    plain.load_state_dict(layer.state_dict())
+    assert isinstance(layer, nn.Linear) and layer.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(x))
