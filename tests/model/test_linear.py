@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.model import linear
-from graftlm.model.linear import GEMV_MAX_ROWS, Linear
+from graftlm.model.linear import X_CACHE_BYTES, Linear
 
 needs_kernel = pytest.mark.skipif(linear.kernel() is None, reason="no C compiler for the gemv kernel")
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [0, 1, 3, 8])
+@pytest.mark.parametrize("rows", [0, 1, 3, 5, 8])
 @pytest.mark.parametrize("shape", [(64, 576), (7, 33), (1536, 19)])  # in_f below, at and off the 32-wide unroll
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_equals_f_linear(rows: int, shape: tuple[int, int], bias: bool) -> None:
@@ -34,18 +34,18 @@ def test_linear_takes_the_kernel_only_where_it_fits(monkeypatch: pytest.MonkeyPa
     real = linear.gemv
     monkeypatch.setattr(linear, "gemv", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
     layer = Linear(32, 16)
-    x = torch.randn(GEMV_MAX_ROWS, 1, 32)  # one new token for each sequence of a decode step
+    x = torch.randn(3, 1, 32)  # one new token for each of three sequences
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        assert calls == [GEMV_MAX_ROWS]
-        layer(torch.randn(1, GEMV_MAX_ROWS + 1, 32))  # a prefill: the BLAS product
+        assert calls == [3]
+        layer(torch.randn(1, X_CACHE_BYTES // 4 // 32 + 1, 32))  # a prefill too long for L1: the BLAS product
         layer(torch.randn(1, 64)[:, ::2])  # a strided input
         layer.to(torch.bfloat16)(torch.randn(1, 32, dtype=torch.bfloat16))
-    assert calls == [GEMV_MAX_ROWS]
+    assert calls == [3]
     layer.float()
     x = torch.randn(1, 32, requires_grad=True)
     layer(x).sum().backward()  # training needs autograd's product
-    assert calls == [GEMV_MAX_ROWS] and x.grad is not None and layer.weight.grad is not None
+    assert calls == [3] and x.grad is not None and layer.weight.grad is not None
 
 
 def test_linear_is_an_nn_linear_with_its_state_dict() -> None:

@@ -20,16 +20,17 @@ from torch import nn
 
 from graftlm.native import compile_library
 
-# input rows up to which the kernel beats the BLAS product. Measured on one thread of an AMD EPYC host (best
-# of several calls, weights beyond the caches): one row, 1.9-2.9x faster (33-35 GB/s against 12-17); four
-# rows, 0.8-2.0x; eight, 0.6-0.8x (each row's dot product re-reads the weight row from L1, so more rows
-# become bound by loads, where the BLAS product blocks registers)
-GEMV_MAX_ROWS = 1
+# The kernel keeps the input rows in L1 (32 KiB per core on x86) beside the weight row it streams, so it
+# takes products whose input rows fill at most this much of it; one row always. Measured on one thread of
+# an AMD EPYC host (best of several calls, weights beyond the caches), kernel against PyTorch: one row,
+# 1.6-2.9x (23-35 GB/s against 12-17); 4 rows of 576 (9 KiB) 2.1-2.6x and 8 (18 KiB) 1.3-2.6x; 4 rows
+# of 1536 (24 KiB) 0.9x and 8 of them 0.7x, where the rows no longer stay in L1.
+X_CACHE_BYTES = 20 * 1024
 
 SOURCE = r"""
 #include <stdint.h>
 
-/* 32 partial sums (kept in four vector registers) give independent FMA chains. */
+/* One row: 32 partial sums (kept in four vector registers) give independent FMA chains. */
 static inline float dot(const float *w, const float *x, int64_t n) {
     float a[32] = {0}, s = 0.f;
     int64_t i = 0;
@@ -39,14 +40,52 @@ static inline float dot(const float *w, const float *x, int64_t n) {
     return s;
 }
 
-/* y[r, o] = x[r, :] . w[o, :] (+ bias[o]) for r < n_x. x [n_x, in_f], w [out_f, in_f], y [n_x, out_f]. */
+#ifdef __AVX2__
+#include <immintrin.h>
+/* out[r] = w . x[r] for r < nr <= 4, x rows `ld` apart: each loaded piece of w serves every row. */
+static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t n, int nr, float *out) {
+    __m256 a0[4], a1[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        for (int r = 0; r < nr; r++) {
+            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ld + i), a0[r]);
+            a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ld + i + 8), a1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float v[8], s = 0.f;
+        _mm256_storeu_ps(v, _mm256_add_ps(a0[r], a1[r]));
+        for (int l = 0; l < 8; l++) s += v[l];
+        for (int64_t j = i; j < n; j++) s += w[j] * x[r * ld + j];
+        out[r] = s;
+    }
+}
+#else
+static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t n, int nr, float *out) {
+    for (int r = 0; r < nr; r++) out[r] = dot(w, x + r * ld, n);
+}
+#endif
+
+/* y[r, o] = x[r, :] . w[o, :] (+ bias[o]) for r < n_x. x [n_x, in_f], w [out_f, in_f], y [n_x, out_f].
+   Each weight row is read from memory once and dotted, from L1, with up to four input rows at a time. */
 void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n_x, int64_t in_f, int64_t out_f,
           int n_threads) {
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t o = 0; o < out_f; o++) {
         const float *row = w + o * in_f;
         const float b = bias ? bias[o] : 0.f;
-        for (int64_t r = 0; r < n_x; r++) y[r * out_f + o] = b + dot(row, x + r * in_f, in_f);
+        if (n_x == 1) {
+            y[o] = b + dot(row, x, in_f);
+            continue;
+        }
+        float d[4];
+        for (int64_t r0 = 0; r0 < n_x; r0 += 4) {
+            const int nr = n_x - r0 < 4 ? (int)(n_x - r0) : 4;
+            dot_rows(row, x + r0 * in_f, in_f, in_f, nr, d);
+            for (int r = 0; r < nr; r++) y[(r0 + r) * out_f + o] = b + d[r];
+        }
     }
 }
 """
@@ -83,11 +122,12 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return x.numel() // max(x.shape[-1], 1) <= GEMV_MAX_ROWS and kernel() is not None
+    return (x.numel() == x.shape[-1] or x.numel() * 4 <= X_CACHE_BYTES) and kernel() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through `gemv` when x has at most `GEMV_MAX_ROWS` rows and nothing needs a gradient."""
+    """`F.linear`, through `gemv` for one input row or a few that fit `X_CACHE_BYTES`, float32 on the CPU,
+    when nothing needs a gradient."""
     if not _fits(x, weight, bias):
         return F.linear(x, weight, bias)
     return gemv(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
