@@ -48,3 +48,51 @@ def compile_library(name: str, source: str) -> ctypes.CDLL | None:
                 return None
             os.replace(out, lib)
     return ctypes.CDLL(str(lib))
+
+
+# Dot products shared by the kernels: C source that goes before theirs (`compile_library(name, DOT + SOURCE)`).
+DOT = r"""
+#include <stdint.h>
+
+/* One row: 32 partial sums (kept in four vector registers) give independent FMA chains. */
+static inline float dot(const float *w, const float *x, int64_t n) {
+    float a[32] = {0}, s = 0.f;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) for (int l = 0; l < 32; l++) a[l] += w[i + l] * x[i + l];
+    for (int l = 0; l < 32; l++) s += a[l];
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+#ifdef __AVX2__
+#include <immintrin.h>
+/* out[r] = w . x[r] for r < nr <= 4, x rows `ld` apart: each loaded piece of w serves every row. */
+static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t n, int nr, float *out) {
+    if (nr == 1) {
+        out[0] = dot(w, x, n);
+        return;
+    }
+    __m256 a0[4], a1[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        for (int r = 0; r < nr; r++) {
+            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ld + i), a0[r]);
+            a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ld + i + 8), a1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float v[8], s = 0.f;
+        _mm256_storeu_ps(v, _mm256_add_ps(a0[r], a1[r]));
+        for (int l = 0; l < 8; l++) s += v[l];
+        for (int64_t j = i; j < n; j++) s += w[j] * x[r * ld + j];
+        out[r] = s;
+    }
+}
+#else
+static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t n, int nr, float *out) {
+    for (int r = 0; r < nr; r++) out[r] = dot(w, x + r * ld, n);
+}
+#endif
+"""

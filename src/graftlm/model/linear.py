@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftlm.native import compile_library
+from graftlm.native import DOT, compile_library
 
 # The kernel keeps the input rows in L1 (32 KiB per core on x86) beside the weight row it streams, so it
 # takes products whose input rows fill at most this much of it; one row always. Measured on one thread of
@@ -28,46 +28,6 @@ from graftlm.native import compile_library
 X_CACHE_BYTES = 20 * 1024
 
 SOURCE = r"""
-#include <stdint.h>
-
-/* One row: 32 partial sums (kept in four vector registers) give independent FMA chains. */
-static inline float dot(const float *w, const float *x, int64_t n) {
-    float a[32] = {0}, s = 0.f;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) for (int l = 0; l < 32; l++) a[l] += w[i + l] * x[i + l];
-    for (int l = 0; l < 32; l++) s += a[l];
-    for (; i < n; i++) s += w[i] * x[i];
-    return s;
-}
-
-#ifdef __AVX2__
-#include <immintrin.h>
-/* out[r] = w . x[r] for r < nr <= 4, x rows `ld` apart: each loaded piece of w serves every row. */
-static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t n, int nr, float *out) {
-    __m256 a0[4], a1[4];
-    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
-        for (int r = 0; r < nr; r++) {
-            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ld + i), a0[r]);
-            a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ld + i + 8), a1[r]);
-        }
-    }
-    for (int r = 0; r < nr; r++) {
-        float v[8], s = 0.f;
-        _mm256_storeu_ps(v, _mm256_add_ps(a0[r], a1[r]));
-        for (int l = 0; l < 8; l++) s += v[l];
-        for (int64_t j = i; j < n; j++) s += w[j] * x[r * ld + j];
-        out[r] = s;
-    }
-}
-#else
-static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t n, int nr, float *out) {
-    for (int r = 0; r < nr; r++) out[r] = dot(w, x + r * ld, n);
-}
-#endif
-
 /* y[r, o] = x[r, :] . w[o, :] (+ bias[o]) for r < n_x. x [n_x, in_f], w [out_f, in_f], y [n_x, out_f].
    Each weight row is read from memory once and dotted, from L1, with up to four input rows at a time. */
 void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n_x, int64_t in_f, int64_t out_f,
@@ -76,10 +36,6 @@ void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n
     for (int64_t o = 0; o < out_f; o++) {
         const float *row = w + o * in_f;
         const float b = bias ? bias[o] : 0.f;
-        if (n_x == 1) {
-            y[o] = b + dot(row, x, in_f);
-            continue;
-        }
         float d[4];
         for (int64_t r0 = 0; r0 < n_x; r0 += 4) {
             const int nr = n_x - r0 < 4 ? (int)(n_x - r0) : 4;
@@ -94,7 +50,7 @@ void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n
 @cache
 def kernel() -> ctypes.CDLL | None:
     """The compiled library, or None (no compiler, failed build, or GRAFTLM_NO_KERNEL=1)."""
-    dll = compile_library("gemv", SOURCE)
+    dll = compile_library("gemv", DOT + SOURCE)
     if dll is None:
         return None
     dll.gemv.restype = None

@@ -14,13 +14,12 @@ from functools import cache
 
 import torch
 
-from graftlm.native import compile_library
+from graftlm.native import DOT, compile_library
 
 # above this many input rows, dequantizing the weight and calling the BLAS matmul is faster here
 FUSED_MAX_ROWS = 1
 
 SOURCE = r"""
-#include <stdint.h>
 #include <stdlib.h>
 
 /* Row r of packed indices is a little-endian bit stream: index j holds bits [j*B, (j+1)*B). */
@@ -109,18 +108,6 @@ void lut_dequant(const uint8_t *packed, const float *tables, const float *scales
     }
 }
 
-/* The dot product of a decoded row with one input row. 32 partial sums (written so the compiler keeps
-   them in four vector registers) give independent FMA chains: one accumulator would wait on its own
-   latency every step. */
-static inline float dot(const float *w, const float *x, int64_t in_f) {
-    float a[32] = {0}, s = 0.f;
-    int64_t i = 0;
-    for (; i + 32 <= in_f; i += 32) for (int l = 0; l < 32; l++) a[l] += w[i + l] * x[i + l];
-    for (int l = 0; l < 32; l++) s += a[l];
-    for (; i < in_f; i++) s += w[i] * x[i];
-    return s;
-}
-
 /* y[n, o] = x[n, :] . W[o, :] for n < n_x (y is overwritten). x [n_x, in_f], y [n_x, out_f] float32. */
 void lut_matmul(const float *x, const uint8_t *packed, const float *tables, const float *scales, float *y, int64_t n_x,
                 int64_t in_f, int64_t out_f, int64_t row_bytes, int bits, int64_t group_size, int n_threads) {
@@ -129,12 +116,17 @@ void lut_matmul(const float *x, const uint8_t *packed, const float *tables, cons
     #pragma omp parallel num_threads(n_threads)
     {
         float *w = malloc(sizeof(float) * in_f);
+        float d[4];
         #pragma omp for schedule(static)
         for (int64_t o = 0; o < out_f; o++) {
             const int64_t g = group_size ? o / group_size : 0;
             dec(packed + o * row_bytes, tables + g * k, w, in_f);
             const float s = scales ? scales[o] : 1.f;
-            for (int64_t n = 0; n < n_x; n++) y[n * out_f + o] = s * dot(w, x + n * in_f, in_f);
+            for (int64_t r0 = 0; r0 < n_x; r0 += 4) {
+                const int nr = n_x - r0 < 4 ? (int)(n_x - r0) : 4;
+                dot_rows(w, x + r0 * in_f, in_f, in_f, nr, d);
+                for (int r = 0; r < nr; r++) y[(r0 + r) * out_f + o] = s * d[r];
+            }
         }
         free(w);
     }
@@ -145,7 +137,7 @@ void lut_matmul(const float *x, const uint8_t *packed, const float *tables, cons
 @cache
 def kernel() -> ctypes.CDLL | None:
     """The compiled LUT library, or None (no compiler, failed build, or GRAFTLM_NO_KERNEL=1)."""
-    dll = compile_library("lut", SOURCE)
+    dll = compile_library("lut", DOT + SOURCE)
     if dll is None:
         return None
     tail = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]  # bits, group_size, n_threads
