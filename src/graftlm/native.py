@@ -95,4 +95,16 @@ static inline void dot_rows(const float *w, const float *x, int64_t ld, int64_t 
     for (int r = 0; r < nr; r++) out[r] = dot(w, x + r * ld, n);
 }
 #endif
+
+/* Output column o of every input row: y[r, o] = s * (w . x[r]) + b for r < n_x, four rows at a time.
+   w [n] one weight row; x [n_x, n]; y [n_x, out_f]. */
+static inline void row_products(const float *w, const float *x, int64_t n_x, int64_t n, float s, float b, float *y,
+                                int64_t out_f, int64_t o) {
+    float d[4];
+    for (int64_t r0 = 0; r0 < n_x; r0 += 4) {
+        const int nr = n_x - r0 < 4 ? (int)(n_x - r0) : 4;
+        dot_rows(w, x + r0 * n, n, n, nr, d);
+        for (int r = 0; r < nr; r++) y[(r0 + r) * out_f + o] = s * d[r] + b;
+    }
+}
 """

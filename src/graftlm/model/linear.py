@@ -33,16 +33,8 @@ SOURCE = r"""
 void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n_x, int64_t in_f, int64_t out_f,
           int n_threads) {
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t o = 0; o < out_f; o++) {
-        const float *row = w + o * in_f;
-        const float b = bias ? bias[o] : 0.f;
-        float d[4];
-        for (int64_t r0 = 0; r0 < n_x; r0 += 4) {
-            const int nr = n_x - r0 < 4 ? (int)(n_x - r0) : 4;
-            dot_rows(row, x + r0 * in_f, in_f, in_f, nr, d);
-            for (int r = 0; r < nr; r++) y[(r0 + r) * out_f + o] = b + d[r];
-        }
-    }
+    for (int64_t o = 0; o < out_f; o++)
+        row_products(w + o * in_f, x, n_x, in_f, 1.f, bias ? bias[o] : 0.f, y, out_f, o);
 }
 """
 

@@ -119,17 +119,11 @@ void lut_matmul(const float *x, const uint8_t *packed, const float *tables, cons
     #pragma omp parallel num_threads(n_threads)
     {
         float *w = malloc(sizeof(float) * in_f);
-        float d[4];
         #pragma omp for schedule(static)
         for (int64_t o = 0; o < out_f; o++) {
             const int64_t g = group_size ? o / group_size : 0;
             dec(packed + o * row_bytes, tables + g * k, w, in_f);
-            const float s = scales ? scales[o] : 1.f;
-            for (int64_t r0 = 0; r0 < n_x; r0 += 4) {
-                const int nr = n_x - r0 < 4 ? (int)(n_x - r0) : 4;
-                dot_rows(w, x + r0 * in_f, in_f, in_f, nr, d);
-                for (int r = 0; r < nr; r++) y[(r0 + r) * out_f + o] = s * d[r];
-            }
+            row_products(w, x, n_x, in_f, scales ? scales[o] : 1.f, 0.f, y, out_f, o);
         }
         free(w);
     }
