@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,47 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
 
 def base_device(base: nn.Module) -> torch.device:
     return next(itertools.chain(base.parameters(), base.buffers())).device
+
+
+class LoRAProduct(torch.autograd.Function):
+    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ for a frozen W and b, as a training step needs it.
+
+    The same products autograd would run, with fewer passes over the activations: the adapter term
+    accumulates into y and, in the backward pass, into the gradient for x, where autograd would copy y
+    and add two separately allocated [N, in] gradients. `LoRALinear.forward`'s plain path is the reference.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        y = F.linear(x2, weight, bias)  # [N, out]
+        h = torch.mm(x2, lora_A.t())  # [N, r]
+        y.addmm_(h, lora_B.t(), alpha=scale)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, h)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, lora_A, lora_B, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        gh = torch.mm(g, lora_B).mul_(ctx.scale)  # [N, r]: the gradient for h = x Aᵀ
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight).addmm_(gh, lora_A).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_A = torch.mm(gh.t(), x2)
+        if ctx.needs_input_grad[4]:
+            grad_B = torch.mm(g.t(), h).mul_(ctx.scale)
+        return grad_x, None, None, grad_A, grad_B, None
 
 
 class LoRALinear(nn.Module):
@@ -74,7 +116,22 @@ class LoRALinear(nn.Module):
     def _row_norm(self) -> torch.Tensor:
         return torch.linalg.norm(base_weight(self.base).float() + self.delta_weight(), dim=1)
 
+    def _trains_plainly(self, x: torch.Tensor) -> bool:
+        """Whether this call can go through `LoRAProduct`: a float32 training step of plain LoRA on a
+        frozen base (no dropout, no DoRA)."""
+        return (
+            torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and self.magnitude is None
+            and isinstance(self.dropout, nn.Identity)
+            and not any(p.requires_grad for p in self.base.parameters())
+            and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trains_plainly(x):
+            w = base_weight(self.base)  # dequantized when the base is palettized
+            return LoRAProduct.apply(x, w.float(), self.bias, self.lora_A, self.lora_B, self.scale)
         y = self.base(x)
         xd = self.dropout(x).float()
         h = F.linear(xd, self.lora_A)  # [..., r]
