@@ -63,3 +63,17 @@ def test_kv_cache_decode_matches_full_forward(tiny_dir: Path) -> None:
 def test_tied_embeddings_share_storage(tiny_dir: Path) -> None:
     model, _ = load_checkpoint(tiny_dir)
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_silu_mul_gradient_equals_autograd() -> None:
+    from graftlm.model.llama import silu_mul
+
+    torch.manual_seed(0)
+    gate = (torch.randn(4, 7, 33) * 4).requires_grad_()
+    up = torch.randn(4, 7, 33, requires_grad=True)
+    grad = torch.randn(4, 7, 33)
+    (silu_mul(gate, up) * grad).sum().backward()
+    g_ref, u_ref = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    (torch.nn.functional.silu(g_ref) * u_ref * grad).sum().backward()
+    torch.testing.assert_close(gate.grad, g_ref.grad)
+    torch.testing.assert_close(up.grad, u_ref.grad)

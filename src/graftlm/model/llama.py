@@ -7,7 +7,7 @@ them by composition without touching this file.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,31 @@ class Attention(nn.Module):
         return ctx.project(self.o_proj, out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
+class SiluMul(torch.autograd.Function):
+    """silu(gate) * up with its gradient in one expression: autograd's version allocates and passes over
+    [N, intermediate] activations five times in the backward pass (tested against autograd's)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_up = (gate * sig).mul_(grad)  # silu(gate) * grad
+        # d silu / d gate = sig * (1 + gate * (1 - sig))
+        grad_gate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(grad).mul_(up)
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SiluMul.apply(gate, up)
+    return F.silu(gate).mul_(up)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
 
@@ -73,7 +98,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate, up = ctx.project(self.gate_proj, x), ctx.project(self.up_proj, x)
-        return ctx.project(self.down_proj, F.silu(gate) * up)
+        return ctx.project(self.down_proj, silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
