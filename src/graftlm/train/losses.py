@@ -17,7 +17,7 @@ from graftlm.lora.layer import base_weight
 from graftlm.model.llama import Llama
 from graftlm.train.data import Batch
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 512  # a [512, vocab] float32 logits buffer: 100 MB for a 49K vocabulary
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -41,7 +41,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs.div_(mass)
                 probs[torch.arange(len(yc)), yc] -= 1.0
-                grad[i : i + CHUNK_ROWS] = probs @ w
+                torch.mm(probs, w, out=grad[i : i + len(yc)])
         ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
         return total

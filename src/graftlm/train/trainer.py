@@ -15,6 +15,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from graftlm import native
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.model import add_lora, load_lora_state, lora_layers
 from graftlm.lora.peft_io import Adapter, check_fits
@@ -104,6 +105,8 @@ class Loop:
         self.checkpoint_dir = checkpoint_dir
         self.loss = loss
         self.optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        if not native.keep_freed_memory():
+            log.debug("could not tune malloc: every step's activations are fresh memory")
 
     def run(
         self,
