@@ -2,11 +2,16 @@
 
 Peer: PEFT `get_peft_model` on transformers' `LlamaForCausalLM` (float32, SDPA attention), the usual
 loop (forward with labels, backward, AdamW step). Same base weights, rank 16 / alpha 32 on all seven
-projections, same batches (sequence length and batch size below, loss on the second half of each
-sequence, as a prompt/completion split), same thread count. Each side runs in its own process so
-peak resident memory is its own.
+projections, same batches, same thread count. Each side runs in its own process so peak resident memory
+is its own.
 
-    python benchmarks/train.py [--seq 256] [--batch 8] [--steps 6] [--threads 2]
+The batches are those graftlm's trainer makes from a task's training split (default: the summarize
+example; length-bucketed, right-padded, loss on the completion tokens only). PEFT gets the same token
+tensors with labels of -100 off the completion, and no attention mask (exact for right padding, and
+transformers' fastest path). Tokens/s counts real (unpadded) tokens on both sides. `--data random`
+instead times random tokens of `--seq` length with the loss on the second half of each sequence.
+
+    python benchmarks/train.py [--data examples/summarize/train.jsonl | random] [--batch 8] [--steps 10]
 """
 
 from __future__ import annotations
@@ -17,70 +22,92 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from graftlm.model import catalog
+from graftlm.model.tokenizer import Tokenizer
+from graftlm.train.data import Batch
 
 
-def batches(vocab: int, n: int, batch: int, seq: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(100, vocab, (batch, seq), generator=g) for _ in range(n)]
+def batches(args: argparse.Namespace) -> list[Batch]:
+    """The first `steps + 1` batches, the same on both sides."""
+    from graftlm.train.data import Batch, bucketed_batches, collate, load_examples
+
+    tok = Tokenizer.from_dir(catalog.resolve(args.model).checkpoint)
+    if args.data == "random":
+        g = torch.Generator().manual_seed(0)
+        targets = torch.zeros(args.batch, args.seq, dtype=torch.bool)
+        targets[:, args.seq // 2 :] = True
+        shape = (args.batch, args.seq)
+        return [
+            Batch(torch.randint(100, tok.vocab_size, shape, generator=g), targets, args.batch * args.seq)
+            for _ in range(args.steps + 1)
+        ]
+    examples = load_examples(Path(args.data), tok, max_length=512)
+    return [collate(b, tok.pad_id) for b in bucketed_batches(examples, args.batch, seed=0, epoch=0)[: args.steps + 1]]
+
+
+def timed(step: Callable[[Batch], None], data: list[Batch]) -> float:
+    """Real tokens per second over every batch but the first (warm-up)."""
+    times = []
+    for b in data:
+        t0 = time.perf_counter()
+        step(b)
+        times.append(time.perf_counter() - t0)
+    return sum(b.n_tokens for b in data[1:]) / sum(times[1:])
 
 
 def run_graftlm(args: argparse.Namespace) -> float:
     from graftlm.lora.config import LoraConfig
-    from graftlm.train.data import Batch
     from graftlm.train.losses import completion_loss
     from graftlm.train.trainer import TrainConfig, Trainer
 
+    data = batches(args)
     model, _, _ = catalog.load(args.model)
-    trainer = Trainer(model, LoraConfig(r=16, alpha=32), TrainConfig(lr=1e-4), pad_id=0)
-    data = batches(model.config.vocab_size, args.steps + 1, args.batch, args.seq)
-    targets = torch.zeros(args.batch, args.seq, dtype=torch.bool)
-    targets[:, args.seq // 2 :] = True
-    times = []
-    for tokens in data:
-        t0 = time.perf_counter()
-        loss, n = completion_loss(model, Batch(tokens, targets, tokens.numel()))
+    trainer = Trainer(model, LoraConfig(r=16, alpha=32), TrainConfig(lr=1e-4), pad_id=0)  # the batches are already made
+
+    def step(b: Batch) -> None:
+        loss, n = completion_loss(model, b)
         (loss / n).backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return args.batch * args.seq / (sum(times[1:]) / len(times[1:]))
+
+    return timed(step, data)
 
 
 def run_peft(args: argparse.Namespace) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    data = batches(args)
     source = catalog.resolve(args.model)
     base = LlamaForCausalLM.from_pretrained(source.checkpoint, dtype=torch.float32, attn_implementation="sdpa")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    data = batches(base.config.vocab_size, args.steps + 1, args.batch, args.seq)
-    times = []
-    for tokens in data:
-        labels = tokens.clone()
-        labels[:, : args.seq // 2] = -100
-        t0 = time.perf_counter()
-        model(input_ids=tokens, labels=labels).loss.backward()
+
+    def step(b: Batch) -> None:
+        labels = b.tokens.masked_fill(~b.targets, -100)  # transformers shifts labels itself
+        model(input_ids=b.tokens, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return args.batch * args.seq / (sum(times[1:]) / len(times[1:]))
+
+    return timed(step, data)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=catalog.DEFAULT_MODEL)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--data", default="examples/summarize/train.jsonl", help="training JSONL, or 'random'")
+    ap.add_argument("--seq", type=int, default=256, help="sequence length of --data random")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("graftlm", "peft"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -96,9 +123,10 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[side] = json.loads(out.strip().splitlines()[-1])
     ours, theirs = results["graftlm"], results["peft"]
-    table = Table(
-        title=f"LoRA training, rank 16 all projections, batch {args.batch} x {args.seq} tokens, {args.threads} threads"
-    )
+    shape = f"{args.data}, batch {args.batch}"
+    if args.data == "random":
+        shape = f"random tokens, batch {args.batch} x {args.seq}"
+    table = Table(title=f"LoRA training, rank 16 all projections, {shape}, {args.threads} threads")
     for col in ("measure", "graftlm", "PEFT + transformers", "ratio"):
         table.add_column(col, justify="right")
     table.add_row(
