@@ -4,7 +4,7 @@ A decode step multiplies each weight by one activation row per sequence. That pr
 weight once and does two flops per float read, so it runs at the speed memory streams, and PyTorch's
 BLAS matrix-vector product does not always stream at it: on an AMD EPYC host it read 11.5 GB/s where a
 copy reads 53. `gemv` reads each weight row once, with every input row dotted against it while it sits in
-L1, split over the threads by output row. Larger products (prefill, training) and anything that needs a
+cache, split over the threads by output row. Products of more rows (prefill, training) and anything that needs a
 gradient stay with `F.linear`. Compiled on first use (`graftlm.native`); without a compiler `F.linear`
 is used throughout.
 """
@@ -20,12 +20,15 @@ from torch import nn
 
 from graftlm.native import DOT, compile_library
 
-# The kernel keeps the input rows in L1 (32 KiB per core on x86) beside the weight row it streams, so it
-# takes products whose input rows fill at most this much of it; one row always. Measured on one thread of
-# an AMD EPYC host (best of several calls, weights beyond the caches), kernel against PyTorch: one row,
-# 1.6-2.9x (23-35 GB/s against 12-17); 4 rows of 576 (9 KiB) 2.1-2.6x and 8 (18 KiB) 1.3-2.6x; 4 rows
-# of 1536 (24 KiB) 0.9x and 8 of them 0.7x, where the rows no longer stay in L1.
-X_CACHE_BYTES = 20 * 1024
+# The kernel reads each weight row once and dots it with every input row while it sits in cache, four input
+# rows at a time. Beyond this many rows the product does enough work per weight read for BLAS to win.
+# Measured on one AMD EPYC host (best of several calls, weights beyond the caches), kernel against PyTorch,
+# one thread: one row 1.6-2.9x (23-35 GB/s against 12-17); 4 rows of 576 2.1-2.6x, 8 rows 1.3-2.6x; 4 rows
+# of 1536 0.9x and 8 0.7x. On another (2 threads, AVX2 only, where PyTorch reads 4-6 GB/s at 4-8 rows):
+# 4 and 8 rows of 1536 2.5x and 1.8x, of 576 2.5x and 1.9x; whole decode steps at batch 4 and 8 went 16%
+# and 9% faster when the 1536-wide down projection took the kernel too. Cutting the inner dimension into
+# slices that keep the input rows in L1 made every one of those products slower.
+MAX_ROWS = 8
 
 SOURCE = r"""
 /* y[r, o] = x[r, :] . w[o, :] (+ bias[o]) for r < n_x. x [n_x, in_f], w [out_f, in_f], y [n_x, out_f].
@@ -70,12 +73,12 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return (x.numel() == x.shape[-1] or x.numel() * 4 <= X_CACHE_BYTES) and kernel() is not None
+    return x.numel() <= MAX_ROWS * x.shape[-1] and kernel() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through `gemv` for one input row or a few that fit `X_CACHE_BYTES`, float32 on the CPU,
-    when nothing needs a gradient."""
+    """`F.linear`, through `gemv` for up to `MAX_ROWS` input rows, float32 on the CPU, when nothing needs a
+    gradient."""
     if not _fits(x, weight, bias):
         return F.linear(x, weight, bias)
     return gemv(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
