@@ -55,7 +55,7 @@ def test_graftlm_adapter_loads_in_peft(tiny_dir: Path, tmp_path: Path, name: str
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_peft_adapter_loads_in_graftlm(tiny_dir: Path, tmp_path: Path, name: str) -> None:
-    c = CASES[name]
+    c = CASES["all-projections" if name == "shared-prefix" else name]
     peft_cfg = PeftLoraConfig(
         r=c.r,
         lora_alpha=c.alpha,
@@ -80,13 +80,14 @@ def test_peft_adapter_loads_in_graftlm(tiny_dir: Path, tmp_path: Path, name: str
         assert float((ours(tokens) - ref(tokens).logits).abs().max()) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["all-projections", "dora"])
+@pytest.mark.parametrize("name", ["all-projections", "dora", "shared-prefix"])
 def test_training_gradients_equal_peft(tiny_dir: Path, name: str) -> None:
-    """One loss on the completion half: graftlm's training path gives PEFT's gradients for every A and B."""
+    """One loss on the completion half: graftlm's training path gives PEFT's gradients for every A and B,
+    also where the rows begin alike and graftlm runs that prefix once for both."""
     from graftlm.train.data import Batch
-    from graftlm.train.losses import completion_loss
+    from graftlm.train.losses import completion_loss, shared_prefix
 
-    c = CASES[name]
+    c = CASES["all-projections" if name == "shared-prefix" else name]
     peft_cfg = PeftLoraConfig(
         r=c.r, lora_alpha=c.alpha, target_modules=list(c.targets), use_dora=c.use_dora, init_lora_weights=False
     )
@@ -102,8 +103,11 @@ def test_training_gradients_equal_peft(tiny_dir: Path, name: str) -> None:
             if layer.magnitude is not None:
                 layer.magnitude.copy_(peft_state[f"base_model.model.{path}.lora_magnitude_vector.default.weight"])
     tokens = _tokens(ours.config.vocab_size)
+    if name == "shared-prefix":
+        tokens[1, :9] = tokens[0, :9]
     targets = torch.zeros_like(tokens, dtype=torch.bool)
     targets[:, 10:] = True
+    assert shared_prefix(ours, Batch(tokens, targets, tokens.numel())) == (9 if name == "shared-prefix" else 0)
     labels = tokens.masked_fill(~targets, -100)
 
     ref.train()

@@ -7,7 +7,7 @@ them by composition without touching this file.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,14 @@ from graftlm.model.fingerprint import weights_fingerprint
 from graftlm.model.linear import Linear
 from graftlm.model.rope import RotaryTable, apply_rotary
 
-if TYPE_CHECKING:
-    from graftlm.engine.kv_cache import KVCache
+
+class KVStore(Protocol):
+    """Where attention keeps keys and values between calls: the engine's `KVCache`, or training's
+    `SharedPrefix` (`graftlm.train.losses`)."""
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take k, v [B, KV, S, D] for positions [start, start+S); return all keys and values up to start+S."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -121,7 +127,7 @@ class ForwardContext:
         self,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVStore | None,
         start: int,
         mask: torch.Tensor | None,
         is_causal: bool,
@@ -203,7 +209,7 @@ class Llama(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVStore | None = None,
         start: int = 0,
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
@@ -223,7 +229,7 @@ class Llama(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVStore | None = None,
         start: int = 0,
         key_valid: torch.Tensor | None = None,
         adapters: AdapterBatch | None = None,
@@ -240,7 +246,7 @@ class Llama(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVStore | None = None,
         start: int = 0,
         key_valid: torch.Tensor | None = None,
         adapters: AdapterBatch | None = None,

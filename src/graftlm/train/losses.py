@@ -4,6 +4,13 @@ With a frozen output layer the loss goes through `ChunkedLinearCrossEntropy`: lo
 of rows at a time and the gradient for the hidden states is computed right away, so the [N, vocab]
 logits, their log-softmax and its gradient never exist in full (the idea of Liger-Kernel's fused
 linear cross-entropy). `plain_loss` is the reference it is tested against.
+
+Chat training data repeats the system prompt and the task's instruction at the start of every example
+(20-40% of the example tasks' tokens). Their hidden states are the same in every row, since causal
+attention lets them see only each other, so `completion_loss` runs a prefix that all rows of a batch
+share once, as a batch of one, and the rest of each row behind its keys and values (`SharedPrefix`):
+a serving engine's prefix cache, kept in the autograd graph. Exact: the backward of broadcasting the one
+prefix to every row sums the rows' gradients, as the per-row copies would have.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from graftlm.lora.layer import base_weight
 from graftlm.model.llama import Llama
 from graftlm.train.data import Batch
 
 CHUNK_ROWS = 512  # a [512, vocab] float32 logits buffer: 100 MB for a 49K vocabulary
+MIN_SHARED = 8  # shorter shared prefixes are not worth a separate forward pass
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -56,15 +65,57 @@ def plain_loss(model: Llama, h: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(model.logits(h), labels, reduction="sum")
 
 
+class SharedPrefix:
+    """The keys and values of a prefix that every row begins with, computed once and put before each row's own.
+
+    Used as the model's `cache`: the call at start 0 (the prefix, one row) records each layer's keys and
+    values, the call at start P (every row's remainder) gets them broadcast to all rows in front of its own.
+    """
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> k, v [1, KV, P, D]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if start == 0:
+            self.kv[layer] = (k, v)
+            return k, v
+        pk, pv = self.kv[layer]
+        shape = (self.rows, *pk.shape[1:])
+        return torch.cat([pk.expand(shape), k], dim=2), torch.cat([pv.expand(shape), v], dim=2)
+
+
+def shared_prefix(model: nn.Module, batch: Batch) -> int:
+    """How many leading positions every row shares and no target is predicted from; 0 when not worth sharing.
+
+    LoRA dropout in training draws its own mask for each row, which one shared prefix cannot do, so a
+    model that trains with dropout gets 0.
+    """
+    tokens, rows = batch.tokens, batch.tokens.shape[0]
+    if rows < 2 or (model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())):
+        return 0
+    same = (tokens == tokens[:1]).all(dim=0).long().cumprod(dim=0)  # [S]: 1 while every row agrees
+    predicted = batch.targets[:, 1:].any(dim=0).nonzero()  # positions whose next token is a target
+    first = int(predicted[0]) if len(predicted) else tokens.shape[1] - 1
+    n = min(int(same.sum()), first)
+    return n if n >= MIN_SHARED else 0
+
+
 def completion_loss(model: Llama, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's target tokens, and how many there are.
 
     Right padding keeps every real token's keys before its padding, so plain causal attention is exact.
     """
-    h = model.hidden(batch.tokens)  # [B, S, hidden]
-    pick = batch.targets[:, 1:]  # token s+1 is predicted from position s
+    n = shared_prefix(model, batch)
+    if n:
+        cache = SharedPrefix(batch.tokens.shape[0])
+        model.hidden(batch.tokens[:1, :n], cache=cache)  # the prefix's keys and values, once
+        h = model.hidden(batch.tokens[:, n:], cache=cache, start=n)  # [B, S - n, hidden]
+    else:
+        h = model.hidden(batch.tokens)  # [B, S, hidden]
+    pick = batch.targets[:, n + 1 :]  # token s+1 is predicted from position s
     hs = h[:, :-1][pick]  # [N, hidden]: only where a target is scored
-    labels = batch.tokens[:, 1:][pick]
+    labels = batch.tokens[:, n + 1 :][pick]
     head = base_weight(model.lm_head)  # dequantized when the head is palettized
     if head.requires_grad or model.lm_head.bias is not None:
         return plain_loss(model, hs, labels), int(pick.sum())
