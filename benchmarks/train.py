@@ -8,8 +8,10 @@ is its own.
 The batches are those graftlm's trainer makes from a task's training split (default: the summarize
 example; length-bucketed, right-padded, loss on the completion tokens only). PEFT gets the same token
 tensors with labels of -100 off the completion, and no attention mask (exact for right padding, and
-transformers' fastest path). Tokens/s counts real (unpadded) tokens on both sides. `--data random`
-instead times random tokens of `--seq` length with the loss on the second half of each sequence.
+transformers' fastest path). Tokens/s counts real (unpadded) tokens on both sides; graftlm's trainer runs
+the prefix every row of a batch shares (system prompt and instruction) once, as it does in `graftlm train`.
+`--data random` instead times random tokens of `--seq` length with the loss on the second half of each
+sequence, where nothing is shared.
 
     python benchmarks/train.py [--data examples/summarize/train.jsonl | random] [--batch 8] [--steps 10]
 """
