@@ -33,13 +33,11 @@ from rich.table import Table
 
 from graftlm.model import catalog
 from graftlm.model.tokenizer import Tokenizer
-from graftlm.train.data import Batch
+from graftlm.train.data import Batch, bucketed_batches, collate, load_examples
 
 
 def batches(args: argparse.Namespace) -> list[Batch]:
     """The first `steps + 1` batches, the same on both sides."""
-    from graftlm.train.data import Batch, bucketed_batches, collate, load_examples
-
     tok = Tokenizer.from_dir(catalog.resolve(args.model).checkpoint)
     if args.data == "random":
         g = torch.Generator().manual_seed(0)

@@ -4,9 +4,9 @@ A decode step multiplies each weight by one activation row per sequence. That pr
 weight once and does two flops per float read, so it runs at the speed memory streams, and PyTorch's
 BLAS matrix-vector product does not always stream at it: on an AMD EPYC host it read 11.5 GB/s where a
 copy reads 53. `gemv` reads each weight row once, with every input row dotted against it while it sits in
-cache, split over the threads by output row. Products of more rows (prefill, training) and anything that needs a
-gradient stay with `F.linear`. Compiled on first use (`graftlm.native`); without a compiler `F.linear`
-is used throughout.
+cache, split over the threads by output row. Products of more rows (prefill, training) and anything that
+needs a gradient stay with `F.linear`. Compiled on first use (`graftlm.native`); without a compiler
+`F.linear` is used throughout.
 """
 
 from __future__ import annotations
