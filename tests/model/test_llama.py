@@ -77,3 +77,37 @@ def test_silu_mul_gradient_equals_autograd() -> None:
     (torch.nn.functional.silu(g_ref) * u_ref * grad).sum().backward()
     torch.testing.assert_close(gate.grad, g_ref.grad)
     torch.testing.assert_close(up.grad, u_ref.grad)
+
+
+def test_rms_norm_gradients_equal_autograd() -> None:
+    from graftlm.model.llama import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(33, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(33))
+    x = (torch.randn(4, 7, 33) * 3).requires_grad_()
+    grad = torch.randn(4, 7, 33)
+    (norm(x) * grad).sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    want = w_ref * x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + 1e-5)  # HF's LlamaRMSNorm
+    (want * grad).sum().backward()
+    torch.testing.assert_close(norm(x), want)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(norm.weight.grad, w_ref.grad)
+
+
+def test_rotary_gradient_equals_autograd() -> None:
+    from graftlm.model.rope import apply_rotary
+
+    torch.manual_seed(0)
+    angles = torch.randn(2, 1, 5, 8)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x = torch.randn(2, 5, 3, 16).transpose(1, 2).requires_grad_()  # [B, H, S, D], strided as in attention
+    grad = torch.randn(2, 3, 5, 16)
+    (apply_rotary(x, cos, sin) * grad).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    want = x_ref * cos + torch.cat([-x_ref[..., 8:], x_ref[..., :8]], -1) * sin  # HF's rotate_half form
+    (want * grad).sum().backward()
+    assert torch.equal(apply_rotary(x, cos, sin), want)  # rounded as HF rounds it
+    torch.testing.assert_close(x.grad, x_ref.grad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -51,9 +52,38 @@ class RotaryTable:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate half-split pairs: x [B, H, S, D] with cos/sin [B, 1, S, D] (HF's `rotate_half` layout)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin, or its transpose (the rotation by -θ), rounded as HF's form is."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+    sin1, sin2 = sin[..., :half], sin[..., half:]
+    out = x * cos
+    if inverse:
+        out[..., :half].add_(x2 * sin2)
+        out[..., half:].sub_(x1 * sin1)
+    else:
+        out[..., :half].sub_(x2 * sin1)
+        out[..., half:].add_(x1 * sin2)
+    return out
+
+
+class Rotary(torch.autograd.Function):
+    """The rotation, whose gradient is the inverse rotation of the incoming one: autograd's graph of
+    the `torch.cat` form allocates five [B, H, S, D] tensors each way (tested against autograd's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate half-split pairs: x [B, H, S, D] with cos/sin [B, 1, S, D] (HF's `rotate_half` layout)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return Rotary.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
