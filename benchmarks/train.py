@@ -14,6 +14,8 @@ the prefix every row of a batch shares (system prompt and instruction) once, as 
 sequence, where nothing is shared.
 
     python benchmarks/train.py [--data examples/summarize/train.jsonl | random] [--batch 8] [--steps 10]
+
+Each side runs `--rounds` times (default 2), alternating with the other, and its fastest run counts.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating; the best counts")
     ap.add_argument("--only", choices=("graftlm", "peft"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,12 +120,14 @@ def main() -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"tokens_per_s": tps, "peak_mb": peak_mb}))
         return
-    results = {}
-    for side in ("graftlm", "peft"):
-        cmd = [sys.executable, __file__, "--only", side, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[side] = json.loads(out.strip().splitlines()[-1])
-    ours, theirs = results["graftlm"], results["peft"]
+    # Shared hosts drift by 10-30% over minutes: alternate the sides and keep each one's best run.
+    runs: dict[str, list[dict[str, float]]] = {"graftlm": [], "peft": []}
+    for _ in range(args.rounds):
+        for side, results in runs.items():
+            cmd = [sys.executable, __file__, "--only", side, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    ours, theirs = (max(runs[side], key=lambda r: r["tokens_per_s"]) for side in ("graftlm", "peft"))
     shape = f"{args.data}, batch {args.batch}"
     if args.data == "random":
         shape = f"random tokens, batch {args.batch} x {args.seq}"
