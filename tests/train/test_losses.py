@@ -79,3 +79,19 @@ def test_no_shared_prefix_for_one_row_or_dropout(tiny_dir: Path) -> None:
     assert losses.shared_prefix(model, batch) == 0  # each row must draw its own dropout mask
     model.eval()
     assert losses.shared_prefix(model, batch) == 12
+
+
+def test_chunked_kl_equals_plain_kl_and_gradient(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 7)  # several chunks, the last one short
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 32, generator=g)
+    teacher = torch.randn(45, 300, generator=g) * 3
+    h1 = torch.randn(45, 32, generator=g, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    s_logp, t_logp = F.log_softmax(h1 @ weight.t(), -1), F.log_softmax(teacher, -1)
+    want = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
+    got = losses.ChunkedLinearKL.apply(h2, weight, lambda i, j: teacher[i:j])
+    (want * 0.5).backward()
+    (got * 0.5).backward()
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.allclose(h2.grad, h1.grad, atol=1e-5)

@@ -20,32 +20,44 @@ import torch.nn.functional as F
 
 from graftlm import __version__
 from graftlm.lora.config import LoraConfig
+from graftlm.lora.layer import base_weight
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import Adapter, save_adapter
 from graftlm.model.llama import Llama
 from graftlm.train.data import Batch, Example
+from graftlm.train.losses import CHUNK_ROWS, ChunkedLinearKL
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 256  # positions whose [rows, vocab] distributions exist at once
-
 
 def kl_loss(teacher: Llama) -> Callable[[Llama, Batch], tuple[torch.Tensor, int]]:
-    """Σ over target positions of KL(teacher ‖ student) between next-token distributions."""
+    """Σ over target positions of KL(teacher ‖ student) between next-token distributions.
+
+    With a frozen output head (a LoRA adapter, or palette tuning) the student's side goes through
+    `ChunkedLinearKL`: distributions a chunk of rows at a time, the gradient made at once.
+    """
 
     def loss(student: Llama, batch: Batch) -> tuple[torch.Tensor, int]:
         pick = batch.targets[:, 1:]  # token s+1 is predicted from position s
         hs = student.hidden(batch.tokens)[:, :-1][pick]  # [N, hidden]
         with torch.no_grad():
             ht = teacher.hidden(batch.tokens)[:, :-1][pick]
+
+        def teacher_logits(i: int, j: int) -> torch.Tensor:
+            with torch.no_grad():
+                return teacher.logits(ht[i:j])
+
+        n = int(pick.sum())
+        head = base_weight(student.lm_head)  # dequantized when the head is palettized
+        if not head.requires_grad and student.lm_head.bias is None:
+            return ChunkedLinearKL.apply(student.norm(hs), head, teacher_logits), n
         total = torch.zeros((), device=hs.device)
         for i in range(0, hs.shape[0], CHUNK_ROWS):
-            with torch.no_grad():
-                t_logp = F.log_softmax(teacher.logits(ht[i : i + CHUNK_ROWS]), dim=-1)  # [n, V]
+            t_logp = F.log_softmax(teacher_logits(i, i + CHUNK_ROWS), dim=-1)  # [rows, V]
             s_logp = F.log_softmax(student.logits(hs[i : i + CHUNK_ROWS]), dim=-1)
             total = total + F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
-        return total, int(pick.sum())
+        return total, n
 
     return loss
 

@@ -15,6 +15,7 @@ prefix to every row sums the rows' gradients, as the per-row copies would have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,42 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs.div_(mass)
                 probs[torch.arange(len(yc)), yc] -= 1.0
                 torch.mm(probs, w, out=grad[i : i + len(yc)])
+        ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.h_dtype), None, None
+
+
+class ChunkedLinearKL(torch.autograd.Function):
+    """Σ_i KL(teacher_i ‖ softmax(h_i Wᵀ)) for h [N, H] and a frozen W [V, H]; gradient flows to h only.
+
+    `teacher(i, j)` gives the teacher's logits for rows i..j-1 (no gradient). Like
+    `ChunkedLinearCrossEntropy`, the gradient (p_student − p_teacher) W is made chunk by chunk in the
+    forward pass, so neither side's [N, vocab] distributions are ever kept for the backward pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, teacher: Callable[[int, int], torch.Tensor]
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h, dtype=torch.float32) if h.requires_grad else None
+        w = weight.float()
+        buf = torch.empty(min(CHUNK_ROWS, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], CHUNK_ROWS):
+            hc = h[i : i + CHUNK_ROWS].float()
+            t_logp = teacher(i, i + len(hc)).float()
+            t_logp = t_logp.sub_(t_logp.logsumexp(dim=-1, keepdim=True))  # [n, V]
+            s_logp = torch.mm(hc, w.t(), out=buf[: len(hc)])
+            s_logp.sub_(s_logp.logsumexp(dim=-1, keepdim=True))
+            p_t = t_logp.exp()
+            total += t_logp.sub_(s_logp).mul_(p_t).sum()  # Σ p_t (log p_t − log p_s)
+            if grad is not None:
+                torch.mm(s_logp.exp_().sub_(p_t), w, out=grad[i : i + len(hc)])
         ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
         return total
