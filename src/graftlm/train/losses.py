@@ -30,72 +30,80 @@ CHUNK_ROWS = 512  # a [512, vocab] float32 logits buffer: 100 MB for a 49K vocab
 MIN_SHARED = 8  # shorter shared prefixes are not worth a separate forward pass
 
 
+def _chunked_head_loss(
+    ctx: Any, h: torch.Tensor, weight: torch.Tensor, chunk_loss: Callable[[torch.Tensor, int, int, bool], torch.Tensor]
+) -> torch.Tensor:
+    """Σ over rows of a loss of the logits h Wᵀ, made `CHUNK_ROWS` rows at a time (the forward pass of
+    the two Functions below). `chunk_loss(logits, i, j, want_grad)` returns rows i..j-1's loss and, when
+    asked, leaves d loss / d logits in `logits`; the gradient for h is made at once and saved."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad = torch.empty_like(h, dtype=torch.float32) if h.requires_grad else None
+    w = weight.float()
+    # one logits buffer for every chunk: large fresh allocations cost page faults on the CPU
+    buf = torch.empty(min(CHUNK_ROWS, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
+    for i in range(0, h.shape[0], CHUNK_ROWS):
+        hc = h[i : i + CHUNK_ROWS].float()
+        logits = torch.mm(hc, w.t(), out=buf[: len(hc)])  # [n, V]
+        total += chunk_loss(logits, i, i + len(hc), grad is not None)
+        if grad is not None:
+            torch.mm(logits, w, out=grad[i : i + len(hc)])
+    ctx.save_for_backward(grad)
+    ctx.h_dtype = h.dtype
+    return total
+
+
+def _saved_gradient(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_out).to(ctx.h_dtype), None, None
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i Wᵀ, y_i) for h [N, H] and a frozen W [V, H]; gradient flows to h only."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad = torch.empty_like(h, dtype=torch.float32) if h.requires_grad else None
-        w = weight.float()
-        # one logits buffer for every chunk: large fresh allocations cost page faults on the CPU
-        buf = torch.empty(min(CHUNK_ROWS, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], CHUNK_ROWS):
-            hc, yc = h[i : i + CHUNK_ROWS].float(), labels[i : i + CHUNK_ROWS]
-            logits = torch.mm(hc, w.t(), out=buf[: len(yc)])  # [n, V]
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        def chunk_loss(logits: torch.Tensor, i: int, j: int, want_grad: bool) -> torch.Tensor:
+            yc = labels[i:j]
             picked = logits.gather(1, yc[:, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place: unnormalised softmax
             mass = probs.sum(dim=-1, keepdim=True)
-            total += (top.squeeze(1) + mass.squeeze(1).log() - picked).sum()
-            if grad is not None:
+            loss = (top.squeeze(1) + mass.squeeze(1).log() - picked).sum()
+            if want_grad:
                 probs.div_(mass)
                 probs[torch.arange(len(yc)), yc] -= 1.0
-                torch.mm(probs, w, out=grad[i : i + len(yc)])
-        ctx.save_for_backward(grad)
-        ctx.h_dtype = h.dtype
-        return total
+            return loss
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_out).to(ctx.h_dtype), None, None
+        return _chunked_head_loss(ctx, h, weight, chunk_loss)
+
+    backward = staticmethod(_saved_gradient)
 
 
 class ChunkedLinearKL(torch.autograd.Function):
     """Σ_i KL(teacher_i ‖ softmax(h_i Wᵀ)) for h [N, H] and a frozen W [V, H]; gradient flows to h only.
 
-    `teacher(i, j)` gives the teacher's logits for rows i..j-1 (no gradient). Like
-    `ChunkedLinearCrossEntropy`, the gradient (p_student − p_teacher) W is made chunk by chunk in the
-    forward pass, so neither side's [N, vocab] distributions are ever kept for the backward pass.
+    `teacher(i, j)` gives the teacher's logits for rows i..j-1 (no gradient). As for the cross-entropy,
+    the gradient (p_student − p_teacher) W is made chunk by chunk in the forward pass, so neither side's
+    [N, vocab] distributions are ever kept for the backward pass.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, h: torch.Tensor, weight: torch.Tensor, teacher: Callable[[int, int], torch.Tensor]
     ) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad = torch.empty_like(h, dtype=torch.float32) if h.requires_grad else None
-        w = weight.float()
-        buf = torch.empty(min(CHUNK_ROWS, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], CHUNK_ROWS):
-            hc = h[i : i + CHUNK_ROWS].float()
-            t_logp = teacher(i, i + len(hc)).float()
+        def chunk_loss(logits: torch.Tensor, i: int, j: int, want_grad: bool) -> torch.Tensor:
+            t_logp = teacher(i, j).float()
             t_logp = t_logp.sub_(t_logp.logsumexp(dim=-1, keepdim=True))  # [n, V]
-            s_logp = torch.mm(hc, w.t(), out=buf[: len(hc)])
-            s_logp.sub_(s_logp.logsumexp(dim=-1, keepdim=True))
+            s_logp = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
             p_t = t_logp.exp()
-            total += t_logp.sub_(s_logp).mul_(p_t).sum()  # Σ p_t (log p_t − log p_s)
-            if grad is not None:
-                torch.mm(s_logp.exp_().sub_(p_t), w, out=grad[i : i + len(hc)])
-        ctx.save_for_backward(grad)
-        ctx.h_dtype = h.dtype
-        return total
+            loss = t_logp.sub_(s_logp).mul_(p_t).sum()  # Σ p_t (log p_t − log p_s)
+            if want_grad:
+                s_logp.exp_().sub_(p_t)
+            return loss
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_out).to(ctx.h_dtype), None, None
+        return _chunked_head_loss(ctx, h, weight, chunk_loss)
+
+    backward = staticmethod(_saved_gradient)
 
 
 def plain_loss(model: Llama, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
