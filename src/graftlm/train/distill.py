@@ -20,12 +20,11 @@ import torch.nn.functional as F
 
 from graftlm import __version__
 from graftlm.lora.config import LoraConfig
-from graftlm.lora.layer import base_weight
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import Adapter, save_adapter
 from graftlm.model.llama import Llama
 from graftlm.train.data import Batch, Example
-from graftlm.train.losses import CHUNK_ROWS, ChunkedLinearKL
+from graftlm.train.losses import CHUNK_ROWS, ChunkedLinearKL, frozen_head
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,8 @@ def kl_loss(teacher: Llama) -> Callable[[Llama, Batch], tuple[torch.Tensor, int]
                 return teacher.logits(ht[i:j])
 
         n = int(pick.sum())
-        head = base_weight(student.lm_head)  # dequantized when the head is palettized
-        if not head.requires_grad and student.lm_head.bias is None:
+        head = frozen_head(student)
+        if head is not None:
             return ChunkedLinearKL.apply(student.norm(hs), head, teacher_logits), n
         total = torch.zeros((), device=hs.device)
         for i in range(0, hs.shape[0], CHUNK_ROWS):

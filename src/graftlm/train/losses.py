@@ -106,6 +106,13 @@ class ChunkedLinearKL(torch.autograd.Function):
     backward = staticmethod(_saved_gradient)
 
 
+def frozen_head(model: Llama) -> torch.Tensor | None:
+    """The output head's weight (dequantized when palettized) when the chunked losses may take it: it
+    trains nothing and has no bias. None: the loss must go through the plain logits."""
+    head = base_weight(model.lm_head)
+    return None if head.requires_grad or model.lm_head.bias is not None else head
+
+
 def plain_loss(model: Llama, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model.logits(h), labels, reduction="sum")
 
@@ -161,7 +168,7 @@ def completion_loss(model: Llama, batch: Batch) -> tuple[torch.Tensor, int]:
     pick = batch.targets[:, n + 1 :]  # token s+1 is predicted from position s
     hs = h[:, :-1][pick]  # [N, hidden]: only where a target is scored
     labels = batch.tokens[:, n + 1 :][pick]
-    head = base_weight(model.lm_head)  # dequantized when the head is palettized
-    if head.requires_grad or model.lm_head.bias is not None:
+    head = frozen_head(model)
+    if head is None:
         return plain_loss(model, hs, labels), int(pick.sum())
     return ChunkedLinearCrossEntropy.apply(model.norm(hs), head, labels), int(pick.sum())
