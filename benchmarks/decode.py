@@ -7,6 +7,8 @@ checkpoint directory graftlm reads. Both run in this process with the same threa
 
 Prints prefill ms per prompt token (512-token prompt) and decode tokens/s at batch 1, 8 and 32
 (128-token prompts, 64 new tokens; prefill time subtracted), with the ratio graftlm / transformers.
+With --paths, also graftlm's decode rate with the few-row products' path chosen per shape by timing
+(the default), always the gemv kernel and always PyTorch's, in turn in each round (medians).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from rich.table import Table
 from graftlm.engine.generate import Generator
 from graftlm.engine.kv_cache import KVCache
 from graftlm.engine.sampling import SamplingParams
-from graftlm.model import catalog
+from graftlm.model import catalog, linear
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--paths", action="store_true", help="also compare graftlm's product paths")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
@@ -103,6 +106,28 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "measure" else "right")
     for name, a, b, r in rows:
         table.add_row(name, f"{a:.2f}", f"{b:.2f}", f"{r:.2f}x")
+    console.print(table)
+    if args.paths:
+        compare_paths(gen, torch.randint(100, vocab, (32, 128), generator=g), args, console)
+
+
+def compare_paths(gen: Generator, prompts: torch.Tensor, args: argparse.Namespace, console: Console) -> None:
+    """Decode tokens/s with `linear.paths` timing each shape (auto), forced to the kernel, forced to PyTorch."""
+    modes = {"auto": None, "kernel": True, "PyTorch": False}
+    table = Table(title="graftlm decode tokens/s by product path (auto: each shape's faster path, timed)")
+    for col in ("batch", *modes, "auto / best forced"):
+        table.add_column(col, justify="right")
+    for batch in (int(x) for x in args.batches.split(",")):
+        run = partial(ours_generate, gen, prompts[:batch].tolist())
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(args.repeats):  # the modes in turn, so that a slow spell of the host hits all three
+            for mode, force in modes.items():
+                linear.paths.force = force
+                rates[mode].append(decode_rate(run, batch, args.new_tokens, 1))
+        linear.paths.force = None
+        med = {m: statistics.median(r) for m, r in rates.items()}
+        ratio = med["auto"] / max(med["kernel"], med["PyTorch"])
+        table.add_row(str(batch), *(f"{med[m]:.2f}" for m in modes), f"{ratio:.2f}x")
     console.print(table)
 
 

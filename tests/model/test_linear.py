@@ -9,6 +9,7 @@ from torch import nn
 
 from graftlm.model import linear
 from graftlm.model.linear import MAX_ROWS, Linear
+from graftlm.native import FasterPath
 
 needs_kernel = pytest.mark.skipif(linear.kernel() is None, reason="no C compiler for the gemv kernel")
 
@@ -31,6 +32,7 @@ def test_gemv_equals_f_linear(rows: int, shape: tuple[int, int], bias: bool) -> 
 
 @needs_kernel
 def test_linear_takes_the_kernel_only_where_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear.paths, "force", True)  # as if the kernel had timed faster
     calls: list[int] = []
     real = linear.gemv
     monkeypatch.setattr(linear, "gemv", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
@@ -56,3 +58,18 @@ def test_linear_is_an_nn_linear_with_its_state_dict() -> None:
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain(x))
+
+
+@needs_kernel
+def test_linear_times_both_paths_then_keeps_one_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = FasterPath("gemv", trials=3)
+    monkeypatch.setattr(linear, "paths", paths)
+    layer = Linear(40, 24)
+    with torch.no_grad():
+        for rows in (1, 4):
+            for _ in range(8):
+                x = torch.randn(rows, 40)
+                # whichever path a call takes, the result is the product
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    keys = {(1, 24, 40, torch.get_num_threads()), (4, 24, 40, torch.get_num_threads())}
+    assert set(paths.chosen) == keys and paths.times == {}

@@ -5,8 +5,9 @@ weight once and does two flops per float read, so it runs at the speed memory st
 BLAS matrix-vector product does not always stream at it: on an AMD EPYC host it read 11.5 GB/s where a
 copy reads 53. `gemv` reads each weight row once, with every input row dotted against it while it sits in
 cache, split over the threads by output row. Products of more rows (prefill, training) and anything that
-needs a gradient stay with `F.linear`. Compiled on first use (`graftlm.native`); without a compiler
-`F.linear` is used throughout.
+needs a gradient stay with `F.linear`. On some hosts PyTorch's product is the faster one, for some shapes
+or for all: each product shape takes whichever path `FasterPath` timed faster in its first calls.
+Compiled on first use (`graftlm.native`); without a compiler `F.linear` is used throughout.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftlm.native import DOT, compile_library
+from graftlm.native import DOT, FasterPath, compile_library
 
 # The kernel reads each weight row once and dots it with every input row while it sits in cache, four input
 # rows at a time. Beyond this many rows the product does enough work per weight read for BLAS to win.
@@ -29,6 +30,10 @@ from graftlm.native import DOT, compile_library
 # and 9% faster when the 1536-wide down projection took the kernel too. Cutting the inner dimension into
 # slices that keep the input rows in L1 made every one of those products slower.
 MAX_ROWS = 8
+# The faster of the kernel and F.linear, per (rows, out, in, threads). On a 2-core Intel Xeon with AVX-512,
+# weights beyond the caches, the kernel ran at 0.65-1.07x PyTorch's speed at one row, 1.0-1.9x at 4 and 8
+# rows of 576 inputs and 0.8-0.86x at 4 and 8 rows of 1536: no fixed rule fits every host.
+paths = FasterPath("gemv")
 
 SOURCE = r"""
 /* y[r, o] = x[r, :] . w[o, :] (+ bias[o]) for r < n_x. x [n_x, in_f], w [out_f, in_f], y [n_x, out_f].
@@ -78,10 +83,12 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through `gemv` for up to `MAX_ROWS` input rows, float32 on the CPU, when nothing needs a
-    gradient."""
+    gradient and `paths` found the kernel faster for this shape."""
     if not _fits(x, weight, bias):
         return F.linear(x, weight, bias)
-    return gemv(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    key = (x2.shape[0], *weight.shape, torch.get_num_threads())
+    return paths(key, gemv, F.linear, x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
