@@ -56,6 +56,14 @@ def compile_library(name: str, source: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(lib))
 
 
+def kernel_setting() -> bool | None:
+    """GRAFTLM_KERNEL: True (always the kernel), False (never) or None (auto: time both paths)."""
+    force = os.environ.get("GRAFTLM_KERNEL", "auto")
+    if force not in ("auto", "always", "never"):
+        raise ValueError(f"GRAFTLM_KERNEL must be auto, always or never, not {force!r}")
+    return None if force == "auto" else force == "always"
+
+
 class FasterPath:
     """Per key (a product's shape), whether a kernel or the PyTorch path computes it faster on this host.
 
@@ -65,19 +73,20 @@ class FasterPath:
     first `trials` calls of each key alternate between the two paths and are timed where they run, on the
     real operands with whatever the surrounding work left in the caches; from then on the key takes the
     path with the lower median time. A decode step calls each projection shape once per layer, so the
-    choice is made within the first step or two. GRAFTLM_KERNEL=always or never skips the timing.
+    choice is made within the first step or two. GRAFTLM_KERNEL=always or never skips the timing; it is
+    read at the first call, so that a bad value is an error of the command that runs, not of an import.
     """
 
     def __init__(self, name: str, trials: int = 8) -> None:
         self.name, self.trials = name, trials
-        force = os.environ.get("GRAFTLM_KERNEL", "auto")
-        if force not in ("auto", "always", "never"):
-            raise ValueError(f"GRAFTLM_KERNEL must be auto, always or never, not {force!r}")
-        self.force: bool | None = None if force == "auto" else force == "always"
+        self.read_setting = False
+        self.force: bool | None = None  # GRAFTLM_KERNEL: None times both paths
         self.chosen: dict[Hashable, bool] = {}  # key -> the kernel is faster
         self.times: dict[Hashable, tuple[list[int], list[int]]] = {}  # key -> (kernel ns, PyTorch ns) so far
 
     def __call__(self, key: Hashable, kernel: Callable[..., T], reference: Callable[..., T], *args: object) -> T:
+        if not self.read_setting:
+            self.force, self.read_setting = kernel_setting(), True
         use = self.force if self.force is not None else self.chosen.get(key)
         if use is not None:
             return kernel(*args) if use else reference(*args)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from graftlm.cli.main import main
+from graftlm.model import linear
+from graftlm.native import FasterPath
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,6 +66,15 @@ def test_prompt_too_long_is_a_clear_error(tiny_dir: Path, capsys: pytest.Capture
 def test_bad_sampling_option_is_a_clear_error(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "-m", str(tiny_dir), "--top-p", "0", "hi"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_a_bad_kernel_setting_is_a_clear_error(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(linear, "paths", FasterPath("gemv"))  # a fresh one reads the setting again
+    monkeypatch.setenv("GRAFTLM_KERNEL", "fast")
+    assert main(["generate", "-m", str(tiny_dir), "--raw", "-n", "2", "Hi"]) == 2
+    assert "GRAFTLM_KERNEL must be auto, always or never, not 'fast'" in capsys.readouterr().err
 
 
 def test_chat_keeps_the_conversation(tiny_dir: Path) -> None:
