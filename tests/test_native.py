@@ -68,3 +68,10 @@ def test_a_bad_graftlm_kernel_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     paths = FasterPath("test")  # made at import: the error belongs to the first product, inside a command
     with pytest.raises(ValueError, match="GRAFTLM_KERNEL must be auto, always or never"):
         paths("key", _slow, _fast, None)
+
+
+def test_an_assigned_force_wins_over_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAFTLM_KERNEL", "sometimes")  # never read: benchmarks/decode.py forces a path this way
+    paths = FasterPath("test", trials=1)
+    paths.force = False
+    assert [paths("key", lambda v: "k", lambda v: "r", None) for _ in range(2)] == ["r", "r"]

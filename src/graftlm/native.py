@@ -9,6 +9,7 @@ everywhere, `FasterPath` times it against the PyTorch path on this host and keep
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -79,14 +80,15 @@ class FasterPath:
 
     def __init__(self, name: str, trials: int = 8) -> None:
         self.name, self.trials = name, trials
-        self.read_setting = False
-        self.force: bool | None = None  # GRAFTLM_KERNEL: None times both paths
         self.chosen: dict[Hashable, bool] = {}  # key -> the kernel is faster
         self.times: dict[Hashable, tuple[list[int], list[int]]] = {}  # key -> (kernel ns, PyTorch ns) so far
 
+    @functools.cached_property
+    def force(self) -> bool | None:
+        """GRAFTLM_KERNEL, read once at the first call (None: time both paths); assigning it overrides it."""
+        return kernel_setting()
+
     def __call__(self, key: Hashable, kernel: Callable[..., T], reference: Callable[..., T], *args: object) -> T:
-        if not self.read_setting:
-            self.force, self.read_setting = kernel_setting(), True
         use = self.force if self.force is not None else self.chosen.get(key)
         if use is not None:
             return kernel(*args) if use else reference(*args)
