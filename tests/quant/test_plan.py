@@ -13,7 +13,7 @@ from graftlm.quant.model import palettized_modules
 from graftlm.quant.palettize import PalettizeConfig, PalettizeError, palettize
 from graftlm.quant.plan import Option, allocate
 from graftlm.quant.sensitivity import CalibrationError, Sensitivity, measure
-from graftlm.quant.tune import TUNE_STEPS
+from graftlm.quant.tune import TUNE_SAMPLES, TUNE_STEPS
 from tests.conftest import CORPUS
 
 
@@ -124,6 +124,7 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert layout["calibration_tokens"] <= 20 * 64 and layout["calibration"].startswith("20 pieces of")
     assert abs(layout["bits_per_weight"] - 3.5) <= 0.05 and len(layout["plan"]) == len(layout["weights"])
     assert layout["tuning"]["steps"] == TUNE_STEPS  # tables and scales tuned by default
+    assert layout["tuning"]["sequences"] == {"calibration": 20, "self-written": TUNE_SAMPLES}  # on more text
     measured = layout["measured_kl"]  # the plan's estimates scaled to KLs measured on 4 pieces by default
     assert set(measured["kl"]) == set(layout["weights"]) and measured["tokens"] == 4 * 64
     assert main(["generate", "-m", str(out), "--raw", "-n", "4", "The quick"]) == 0
@@ -144,5 +145,6 @@ def test_palettize_command_writes_a_model_every_command_loads(tiny_dir: Path, tm
     assert main(["palettize", str(out), "--out", str(tmp_path / "again")]) == 2  # already palettized
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--tune-steps", "-1"]) == 2
+    assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--tune-samples", "-1"]) == 2
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--calib-samples", "0"]) == 2
     assert main(["palettize", str(tiny_dir), "--out", str(tmp_path / "x"), "--kl-samples", "-1"]) == 2

@@ -23,7 +23,7 @@ from graftlm.quant.palettize import HEAD_FLOOR, WEIGHTINGS, PalettizeConfig, Pal
 from graftlm.quant.plan import Plan
 from graftlm.quant.probe import KLProbe
 from graftlm.quant.sensitivity import CalibrationError, measure
-from graftlm.quant.tune import TUNE_BATCH, TUNE_LR, TUNE_STEPS, tune_palettes
+from graftlm.quant.tune import TUNE_BATCH, TUNE_LR, TUNE_SAMPLES, TUNE_STEPS, tune_palettes
 from graftlm.train.synthetic import self_generated
 from graftlm.train.trainer import TrainConfig
 
@@ -109,7 +109,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tune-steps",
         type=int,
         default=TUNE_STEPS,
-        help=f"steps of 8 calibration sequences, KL to the uncompressed model (default {TUNE_STEPS}; 0: no tuning)",
+        help=f"steps of 8 sequences of the tuning text, KL to the uncompressed model (default {TUNE_STEPS}, one "
+        "pass over the default text; 0: no tuning)",
+    )
+    t.add_argument(
+        "--tune-samples",
+        type=int,
+        default=TUNE_SAMPLES,
+        help="texts the uncompressed model writes itself, added to the calibration text for tuning (more kinds of "
+        f"text to imitate it on; default {TUNE_SAMPLES}; 0: the calibration text alone)",
     )
     t.add_argument("--tune-lr", type=float, default=TUNE_LR, help=f"peak learning rate (default {TUNE_LR})")
     p.set_defaults(run=run)
@@ -136,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     source_fingerprint = model.fingerprint()
     if args.tune_steps < 0:
         raise PalettizeError(f"--tune-steps must be 0 (no tuning) or more, not {args.tune_steps}")
+    if args.tune_samples < 0:
+        raise PalettizeError(f"--tune-samples must be 0 (the calibration text alone) or more, not {args.tune_samples}")
     if args.calib_samples < 1:
         raise PalettizeError(f"--calib-samples must be 1 or more, not {args.calib_samples}")
     if args.kl_samples < 0:
@@ -165,14 +175,27 @@ def run(args: argparse.Namespace) -> int:
         probe = KLProbe(model, spread(sequences, args.kl_samples))
         log.info("the plan's estimates are scaled to KLs measured on %d tokens", probe.tokens)
     teacher = copy.deepcopy(model) if args.tune_steps else None
+    written: list[list[int]] = []
+    if teacher is not None and sequences and args.tune_samples:
+        with _bar() as bar:
+            task = bar.add_task("the model writes tuning text", total=args.tune_samples)
+            seed = args.seed + 1_000  # not the self-written calibration text again
+            written = self_generated(
+                model, tokenizer, args.tune_samples, args.calib_length, seed, lambda n: bar.advance(task, n)
+            )
     with _bar() as bar:
         task = bar.add_task("k-means tables", total=candidates(model))
         plan, record = palettize(model, config, sensitivity, lambda _: bar.advance(task), probe)
     del probe
     if teacher is not None and sequences:
         tune = TrainConfig(lr=args.tune_lr, batch_size=TUNE_BATCH, max_length=args.calib_length, seed=args.seed)
-        result = tune_palettes(model, teacher, sequences, tune, args.tune_steps, tokenizer.pad_id)
-        record["tuning"] = {"steps": result.steps, "lr": args.tune_lr, "final_kl": result.train_loss}
+        result = tune_palettes(model, teacher, sequences + written, tune, args.tune_steps, tokenizer.pad_id)
+        record["tuning"] = {
+            "steps": result.steps,
+            "lr": args.tune_lr,
+            "sequences": {"calibration": len(sequences), "self-written": len(written)},
+            "final_kl": result.train_loss,
+        }
         del teacher
     record["source"] = {"model": args.model, "fingerprint": source_fingerprint}
     if sequences:
