@@ -6,7 +6,7 @@ scales, input scales where they help, activation-weighted k-means, GPTQ index as
 at 4 bits or more in the mix, tables and scales tuned; the recovery adapter is `graftlm recover` with its
 defaults, applied unmerged). Calibration, tuning and recovery text: real text from the tasks' domain, as a
 user would give it with `--calib`/`--data` (the inputs of every 6th training example of the example tasks,
-~33k tokens; see `calibration_text`); recovery adds the 128 texts the teacher writes by default. Every
+~33k tokens; see `calibration_text`); tuning and recovery add the 128 texts the teacher writes by default. Every
 variant is measured in its own process, so resident memory is its own.
 
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
