@@ -16,7 +16,9 @@ from rich.table import Table
 
 from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.model.catalog import load
+from graftlm.model.llama import Llama
 from graftlm.model.load_hf import LAYOUT_FILE
+from graftlm.model.tokenizer import Tokenizer
 from graftlm.quant.checkpoint import save_palettized
 from graftlm.quant.pack import BITS
 from graftlm.quant.palettize import HEAD_FLOOR, WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
@@ -123,6 +125,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _written(model: Llama, tokenizer: Tokenizer, samples: int, length: int, seed: int, use: str) -> list[list[int]]:
+    """`samples` texts the (uncompressed) model writes itself, with a progress bar."""
+    with _bar() as bar:
+        task = bar.add_task(f"the model writes {use} text", total=samples)
+        return self_generated(model, tokenizer, samples, length, seed, lambda n: bar.advance(task, n))
+
+
 def _bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
@@ -157,11 +166,7 @@ def run(args: argparse.Namespace) -> int:
             sequences = spread(text_chunks(tokenizer, texts, args.calib_length), args.calib_samples)
             origin = f"{len(sequences)} pieces of {', '.join(map(str, args.calib))}"
         else:
-            with _bar() as bar:
-                task = bar.add_task("the model writes calibration text", total=args.calib_samples)
-                sequences = self_generated(
-                    model, tokenizer, args.calib_samples, args.calib_length, args.seed, lambda n: bar.advance(task, n)
-                )
+            sequences = _written(model, tokenizer, args.calib_samples, args.calib_length, args.seed, "calibration")
             origin = f"{args.calib_samples} self-written samples, seed {args.seed}"
         if not sequences:
             raise CalibrationError("the calibration text is empty")
@@ -177,12 +182,8 @@ def run(args: argparse.Namespace) -> int:
     teacher = copy.deepcopy(model) if args.tune_steps else None
     written: list[list[int]] = []
     if teacher is not None and sequences and args.tune_samples:
-        with _bar() as bar:
-            task = bar.add_task("the model writes tuning text", total=args.tune_samples)
-            seed = args.seed + 1_000  # not the self-written calibration text again
-            written = self_generated(
-                model, tokenizer, args.tune_samples, args.calib_length, seed, lambda n: bar.advance(task, n)
-            )
+        seed = args.seed + 1_000  # not the self-written calibration text again
+        written = _written(model, tokenizer, args.tune_samples, args.calib_length, seed, "tuning")
     with _bar() as bar:
         task = bar.add_task("k-means tables", total=candidates(model))
         plan, record = palettize(model, config, sensitivity, lambda _: bar.advance(task), probe)
