@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from graftlm.cli.progress import bar, written
 from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.model.catalog import load
-from graftlm.model.llama import Llama
 from graftlm.model.load_hf import LAYOUT_FILE
-from graftlm.model.tokenizer import Tokenizer
 from graftlm.quant.checkpoint import save_palettized
 from graftlm.quant.pack import BITS
 from graftlm.quant.palettize import HEAD_FLOOR, WEIGHTINGS, PalettizeConfig, PalettizeError, candidates, palettize
@@ -26,7 +24,6 @@ from graftlm.quant.plan import Plan
 from graftlm.quant.probe import KLProbe
 from graftlm.quant.sensitivity import CalibrationError, measure
 from graftlm.quant.tune import TUNE_BATCH, TUNE_LR, TUNE_SAMPLES, TUNE_STEPS, tune_palettes
-from graftlm.train.synthetic import self_generated
 from graftlm.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -125,19 +122,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _written(model: Llama, tokenizer: Tokenizer, samples: int, length: int, seed: int, use: str) -> list[list[int]]:
-    """`samples` texts the (uncompressed) model writes itself, with a progress bar."""
-    with _bar() as bar:
-        task = bar.add_task(f"the model writes {use} text", total=samples)
-        return self_generated(model, tokenizer, samples, length, seed, lambda n: bar.advance(task, n))
-
-
-def _bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         choices = tuple(sorted({int(c) for c in args.choices.split(",") if c.strip()}))
@@ -166,35 +150,35 @@ def run(args: argparse.Namespace) -> int:
             sequences = spread(text_chunks(tokenizer, texts, args.calib_length), args.calib_samples)
             origin = f"{len(sequences)} pieces of {', '.join(map(str, args.calib))}"
         else:
-            sequences = _written(model, tokenizer, args.calib_samples, args.calib_length, args.seed, "calibration")
+            sequences = written(model, tokenizer, args.calib_samples, args.calib_length, args.seed, "calibration")
             origin = f"{args.calib_samples} self-written samples, seed {args.seed}"
         if not sequences:
             raise CalibrationError("the calibration text is empty")
     if config.needs_calibration and sequences:
-        with _bar() as bar:
-            task = bar.add_task("measuring sensitivity", total=len(sequences))
-            sensitivity = measure(model, sequences, lambda: bar.advance(task), gram=config.gptq)
+        with bar() as progress:
+            task = progress.add_task("measuring sensitivity", total=len(sequences))
+            sensitivity = measure(model, sequences, lambda: progress.advance(task), gram=config.gptq)
         log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
     probe = None
     if args.kl_samples and len(config.choices) > 1 and sequences:
         probe = KLProbe(model, spread(sequences, args.kl_samples))
         log.info("the plan's estimates are scaled to KLs measured on %d tokens", probe.tokens)
     teacher = copy.deepcopy(model) if args.tune_steps else None
-    written: list[list[int]] = []
+    tuning_text: list[list[int]] = []
     if teacher is not None and sequences and args.tune_samples:
         seed = args.seed + 1_000  # not the self-written calibration text again
-        written = _written(model, tokenizer, args.tune_samples, args.calib_length, seed, "tuning")
-    with _bar() as bar:
-        task = bar.add_task("k-means tables", total=candidates(model))
-        plan, record = palettize(model, config, sensitivity, lambda _: bar.advance(task), probe)
+        tuning_text = written(model, tokenizer, args.tune_samples, args.calib_length, seed, "tuning")
+    with bar() as progress:
+        task = progress.add_task("k-means tables", total=candidates(model))
+        plan, record = palettize(model, config, sensitivity, lambda _: progress.advance(task), probe)
     del probe
     if teacher is not None and sequences:
         tune = TrainConfig(lr=args.tune_lr, batch_size=TUNE_BATCH, max_length=args.calib_length, seed=args.seed)
-        result = tune_palettes(model, teacher, sequences + written, tune, args.tune_steps, tokenizer.pad_id)
+        result = tune_palettes(model, teacher, sequences + tuning_text, tune, args.tune_steps, tokenizer.pad_id)
         record["tuning"] = {
             "steps": result.steps,
             "lr": args.tune_lr,
-            "sequences": {"calibration": len(sequences), "self-written": len(written)},
+            "sequences": {"calibration": len(sequences), "self-written": len(tuning_text)},
             "final_kl": result.train_loss,
         }
         del teacher

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from graftlm.cli.progress import bar, written
 from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.peft_io import Adapter
@@ -16,7 +16,6 @@ from graftlm.model.catalog import load
 from graftlm.model.llama import Llama
 from graftlm.train.distill import RecoveryRecord, as_examples, train_recovery
 from graftlm.train.eora import error_init
-from graftlm.train.synthetic import self_generated
 from graftlm.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -73,11 +72,7 @@ def run(args: argparse.Namespace) -> int:
     student, s_tok, s_source = load(args.student)
     if tok.vocab_size != s_tok.vocab_size:
         raise ValueError(f"{args.teacher} and {args.student} have different vocabularies")
-    with _bar() as bar:
-        task = bar.add_task("the teacher writes training text", total=args.samples)
-        sequences = self_generated(
-            teacher, tok, args.samples, args.length, args.seed + 10_000, lambda n: bar.advance(task, n)
-        )
+    sequences = written(teacher, tok, args.samples, args.length, args.seed + 10_000, "training")
     examples = as_examples(sequences, "teacher")
     pieces: list[list[int]] = []
     if args.data:
@@ -115,15 +110,9 @@ def _error_start(
     teacher: Llama, student: Llama, text: list[list[int]], lora: LoraConfig
 ) -> tuple[Adapter, dict[str, object]]:
     """The adapter that cancels most of the student's compression error on `text`'s inputs, and its record."""
-    with _bar() as bar:
-        task = bar.add_task("measuring the student's inputs", total=len(text))
-        tensors, removed = error_init(teacher, student, text, lora, lambda: bar.advance(task))
+    with bar() as progress:
+        task = progress.add_task("measuring the student's inputs", total=len(text))
+        tensors, removed = error_init(teacher, student, text, lora, lambda: progress.advance(task))
     log.info("the adapter starts from the compression error at rank %d: %.1f%% of it removed", lora.r, 100 * removed)
     record: dict[str, object] = {"method": "error", "sequences": len(text), "removed": removed}
     return Adapter(lora, tensors, student.fingerprint()), record
-
-
-def _bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-    )
