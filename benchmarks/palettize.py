@@ -11,6 +11,9 @@ variant is measured in its own process, so resident memory is its own.
 
     python benchmarks/palettize.py [--model smollm2-135m-instruct] [--tokens 8192] [--task-limit 50]
 
+Peer: llama.cpp's own quantizer on the same GGUF file, when llama-cpp-python is installed (see
+`llama_cpp_peer.py`): perplexity on the same held-out tokens, bits per weight, size and decode speed.
+
 Held-out text: the Python Language Reference as shipped in CPython (`pydoc_data.topics`), written by
 the Python developers; calibration never sees it, nor any test example. Task scores: the model zero-shot
 on the first `--task-limit` test examples of each example task (examples/*/test.jsonl).
@@ -33,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import llama_cpp_peer
 import torch
 from rich.console import Console
 from rich.logging import RichHandler
@@ -51,6 +55,15 @@ def held_out_text() -> list[str]:
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
+def held_out_chunks(model_name: str, tokens: int) -> list[list[int]]:
+    from graftlm.eval.perplexity import text_chunks
+    from graftlm.model import catalog
+    from graftlm.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(catalog.resolve(model_name).checkpoint)
+    return text_chunks(tok, held_out_text(), 512, tokens)
+
+
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -62,7 +75,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     """Everything for one model, in this process (run by the parent through `--measure`)."""
     from graftlm.engine.generate import Generator
     from graftlm.engine.sampling import SamplingParams
-    from graftlm.eval.perplexity import perplexity, text_chunks
+    from graftlm.eval.perplexity import perplexity
     from graftlm.eval.runner import evaluate
     from graftlm.model import catalog
 
@@ -83,7 +96,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     gen.generate([prompt] * 8, params)  # eight sequences at once, as a server batches them
     out["decode8_tok_s"] = 8 * 64 / (time.perf_counter() - t0)
     out["rss_mib"] = rss_mib()
-    out["ppl"] = perplexity(model, text_chunks(tok, held_out_text(), 512, tokens))
+    out["ppl"] = perplexity(model, held_out_chunks(model_name, tokens))
     for task in TASKS:
         data = ROOT / "examples" / task / "test.jsonl"
         out[task] = evaluate(gen, data, example_task(task), limit=task_limit, label=task).score
@@ -98,6 +111,36 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
 
 
 CALIBRATION_EVERY = 6  # every 6th training input: ~33k tokens, the size of 128 self-written samples
+
+
+def measure_gguf(path: Path, model_name: str, tokens: int, threads: int) -> dict[str, float]:
+    """A llama.cpp file on the same held-out tokens as `measure` (run by the parent through `--measure-gguf`)."""
+    from graftlm.model import catalog
+    from graftlm.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(catalog.resolve(model_name).checkpoint)
+    prompt = tok.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
+    out = llama_cpp_peer.measure(path, held_out_chunks(model_name, tokens), prompt, threads)
+    return {**out, "rss_mib": rss_mib()}
+
+
+def llama_cpp_rows(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The peer's rows, each file measured in its own process; none without llama-cpp-python or a GGUF source."""
+    from graftlm.model import catalog
+
+    origin = catalog.resolve(args.model).origin
+    if not llama_cpp_peer.available() or origin.suffix != ".gguf":
+        print("llama.cpp peer skipped: needs llama-cpp-python and a model from a GGUF file", flush=True)
+        return {}
+    rows = {}
+    for kind in llama_cpp_peer.TYPES:
+        path = llama_cpp_peer.quantize(origin, kind, args.work, args.threads)
+        cmd = [sys.executable, __file__, "--measure-gguf", str(path), "--model", args.model]
+        cmd += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows[llama_cpp_peer.label(kind)] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(llama_cpp_peer.label(kind), rows[llama_cpp_peer.label(kind)], flush=True)
+    return rows
 
 
 def calibration_text(work: Path) -> Path:
@@ -209,6 +252,12 @@ def task_adapter_table(args: argparse.Namespace, mix: str, recovered: Path) -> N
     Console().print(table)
 
 
+def score_cell(row: dict[str, float], ref: dict[str, float], task: str) -> str:
+    if task not in row:  # the peer's rows: scored by perplexity only
+        return "-"
+    return f"{row[task]:.3f} ({row[task] / ref[task]:.0%})" if ref[task] else f"{row[task]:.3f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -219,6 +268,13 @@ def main() -> None:
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     p.add_argument("--score", help=argparse.SUPPRESS)
+    p.add_argument("--measure-gguf", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer rows")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated palettized variants to build and measure (default: {', '.join(VARIANTS)})",
+    )
     p.add_argument("--no-recovery", action="store_true", help="skip the recovery adapter (and the task adapters)")
     p.add_argument("--no-task-adapters", action="store_true", help="skip training and scoring the task adapters")
     args = p.parse_args()
@@ -231,10 +287,19 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.tokens, args.task_limit, args.adapter)))
         return
+    if args.measure_gguf:
+        print(json.dumps(measure_gguf(args.measure_gguf, args.model, args.tokens, args.threads)))
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}: choose among {', '.join(VARIANTS)}")
     calib = calibration_text(args.work)
     models: dict[str, tuple[str, str | None]] = {"uncompressed (float32)": (args.model, None)}
-    for label, (bits, choices) in VARIANTS.items():
+    for label in variants:
+        bits, choices = VARIANTS[label]
         models[label] = (str(build(args.model, args.work, label, bits, choices, calib)), None)
+    args.no_recovery |= "3.5-bit mix" not in models  # the recovery adapter is the mix's
     if not args.no_recovery:
         mix = models["3.5-bit mix"][0]
         models["3.5-bit mix + recovery"] = (mix, str(recovery(args.model, mix, args.work, calib)))
@@ -246,16 +311,19 @@ def main() -> None:
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
         rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
         print(label, rows[label], flush=True)
+    if not args.no_llama_cpp:
+        rows.update(llama_cpp_rows(args))
     ref = rows["uncompressed (float32)"]
     table = Table(title=f"{args.model}: palettized variants vs the uncompressed model")
     cols = ("model", "bits/weight", "size MiB", "RSS MiB", "decode tok/s", "batch 8", "perplexity", "ppl ratio")
     for col in (*cols, *TASKS):
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, r in rows.items():
-        scores = [f"{r[t]:.3f} ({r[t] / ref[t]:.0%})" if ref[t] else f"{r[t]:.3f}" for t in TASKS]
+        scores = [score_cell(r, ref, t) for t in TASKS]
+        batch8 = f"{r['decode8_tok_s']:.1f}" if "decode8_tok_s" in r else "-"  # llama-cpp-python decodes one
         table.add_row(
             label, f"{r['bpw']:.2f}", f"{r['size_mib']:.0f}", f"{r['rss_mib']:.0f}", f"{r['decode_tok_s']:.1f}",
-            f"{r['decode8_tok_s']:.1f}", f"{r['ppl']:.2f}", f"{r['ppl'] / ref['ppl']:.2f}x", *scores,
+            batch8, f"{r['ppl']:.2f}", f"{r['ppl'] / ref['ppl']:.2f}x", *scores,
         )  # fmt: skip
     Console().print(table)
     if not args.no_recovery and not args.no_task_adapters:
