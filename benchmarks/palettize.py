@@ -43,6 +43,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from graftlm.eval.runner import Task
+from graftlm.model.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("summarize", "proofread", "extract")
@@ -55,13 +56,15 @@ def held_out_text() -> list[str]:
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
-def held_out_chunks(model_name: str, tokens: int) -> list[list[int]]:
+def held_out_chunks(tok: Tokenizer, tokens: int) -> list[list[int]]:
     from graftlm.eval.perplexity import text_chunks
-    from graftlm.model import catalog
-    from graftlm.model.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(catalog.resolve(model_name).checkpoint)
     return text_chunks(tok, held_out_text(), 512, tokens)
+
+
+def decode_prompt(tok: Tokenizer) -> list[int]:
+    """The prompt every row's decode speed is timed after."""
+    return tok.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
 
 
 def rss_mib() -> float:
@@ -86,7 +89,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
         apply_adapter(model, read_adapter(Path(adapter)))
     out: dict[str, float] = {}
     gen = Generator(model, tok)
-    prompt = tok.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
+    prompt = decode_prompt(tok)
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
     gen.generate([prompt], SamplingParams(max_new_tokens=4))  # warm-up
     t0 = time.perf_counter()
@@ -96,7 +99,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     gen.generate([prompt] * 8, params)  # eight sequences at once, as a server batches them
     out["decode8_tok_s"] = 8 * 64 / (time.perf_counter() - t0)
     out["rss_mib"] = rss_mib()
-    out["ppl"] = perplexity(model, held_out_chunks(model_name, tokens))
+    out["ppl"] = perplexity(model, held_out_chunks(tok, tokens))
     for task in TASKS:
         data = ROOT / "examples" / task / "test.jsonl"
         out[task] = evaluate(gen, data, example_task(task), limit=task_limit, label=task).score
@@ -116,11 +119,9 @@ CALIBRATION_EVERY = 6  # every 6th training input: ~33k tokens, the size of 128 
 def measure_gguf(path: Path, model_name: str, tokens: int, threads: int) -> dict[str, float]:
     """A llama.cpp file on the same held-out tokens as `measure` (run by the parent through `--measure-gguf`)."""
     from graftlm.model import catalog
-    from graftlm.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(catalog.resolve(model_name).checkpoint)
-    prompt = tok.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
-    out = llama_cpp_peer.measure(path, held_out_chunks(model_name, tokens), prompt, threads)
+    out = llama_cpp_peer.measure(path, held_out_chunks(tok, tokens), decode_prompt(tok), threads)
     return {**out, "rss_mib": rss_mib()}
 
 
@@ -138,8 +139,9 @@ def llama_cpp_rows(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         cmd = [sys.executable, __file__, "--measure-gguf", str(path), "--model", args.model]
         cmd += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        rows[llama_cpp_peer.label(kind)] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(llama_cpp_peer.label(kind), rows[llama_cpp_peer.label(kind)], flush=True)
+        label = llama_cpp_peer.label(kind)
+        rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(label, rows[label], flush=True)
     return rows
 
 
