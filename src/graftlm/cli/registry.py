@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from graftlm.cli.verbs import Verbs
-from graftlm.registry import PROD, Registry
-from graftlm.registry.bundle import export, import_bundle
+from graftlm.registry import PROD, Registry, signing
+from graftlm.registry.bundle import add_bundle, check_bundle, export
 from graftlm.registry.records import RegistryError, Version, diff
 
 console = Console(highlight=False)
@@ -72,14 +72,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("ref")
     v.add_argument("--force", action="store_true", help="delete it even if an alias points at it (drops the alias)")
     verb("gc", "remove files no version references and leftovers of interrupted writes", _gc)
-    v = verb("verify", "check every file against its sha256 and every alias", _verify)
-    v.add_argument("--quick", action="store_true", help="check presence only, do not rehash")
+    v = verb("verify", "check every file against its sha256, every alias and every built folder", _verify)
+    v.add_argument("--quick", action="store_true", help="check presence and sizes only, do not rehash")
+    v = verb("keygen", "make an ed25519 key pair for signing bundles", _keygen)
+    v.add_argument("--out", type=Path, required=True, metavar="KEY", help="private key to write (and KEY.pub)")
     v = verb("export", "write a bundle (manifest + files) for devices", _export)
     v.add_argument("refs", nargs="+", help="versions to include")
     v.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     v.add_argument("--since", action="append", default=[], metavar="REF", help="leave out files this version has")
+    v.add_argument("--sign", type=Path, default=None, metavar="KEY", help="sign the bundle with this private key")
     v = verb("import", "add a bundle's versions and aliases, checking every hash", _import)
     v.add_argument("bundle", type=Path)
+    v.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="KEY.pub",
+        help="accept the bundle only if this public key signed it (repeatable: any one of them)",
+    )
 
 
 def _open(args: argparse.Namespace, create: bool = False) -> Registry:
@@ -208,15 +219,32 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    private, public = signing.keygen(args.out)
+    key = signing.load_public_key(public)
+    console.print(f"wrote {private} (keep it secret) and {public} (key {signing.fingerprint(key)})")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
-    m = export(_open(args), args.refs, args.out, args.since)
+    key = signing.load_private_key(args.sign) if args.sign is not None else None  # before any work
+    m = export(_open(args), args.refs, args.out, args.since, sign_with=key)
     size = sum(m["files"].values())
     refs = ", ".join(f"{a['name']}@{a['version']}" for a in m["adapters"])
-    console.print(f"wrote {args.out}: {refs}; {len(m['files'])} files, {size / 2**20:.1f} MiB")
+    signed = f"; signed by key {signing.fingerprint(key)}" if key is not None else ""
+    console.print(f"wrote {args.out}: {refs}; {len(m['files'])} files, {size / 2**20:.1f} MiB{signed}")
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
-    added: list[Version] = import_bundle(_open(args, create=True), args.bundle)
-    console.print(f"imported {', '.join(v.ref for v in added) or 'nothing new'} from {args.bundle}")
+    trust = [signing.load_public_key(p) for p in args.trust]
+    checked = check_bundle(args.bundle, trust)  # all of it before the registry is opened, or made
+    added: list[Version] = add_bundle(_open(args, create=True), args.bundle, checked)
+    if checked.signed_by is not None:
+        how = f"signed by trusted key {checked.signed_by}"
+    elif checked.signed:
+        how = "signed, but the signature was not checked (pass --trust KEY.pub)"
+    else:
+        how = "unsigned (pass --trust KEY.pub to require a signature)"
+    console.print(f"imported {', '.join(v.ref for v in added) or 'nothing new'} from {args.bundle}; {how}")
     return 0

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from graftlm.fileio import file_sha256
+from graftlm.registry.records import SHA256, RegistryError, check_sha256
 
 CHUNK = 1 << 22
 
@@ -33,10 +35,16 @@ class BlobStore:
         self.tmp = root / ".tmp"
 
     def path(self, sha: str) -> Path:
+        """Where blob `sha` lives; anything but 64 lowercase hex is refused, never joined into a path."""
+        check_sha256(sha, "blob")
         return self.root / sha[:2] / sha[2:]
 
     def has(self, sha: str) -> bool:
-        return self.path(sha).is_file()
+        """Whether blob `sha` is here as a regular file (a link in its place does not count)."""
+        try:
+            return stat.S_ISREG(self.path(sha).lstat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def put(self, source: Path) -> tuple[str, int]:
         """Copy a file in, hashing it on the way; returns (sha256, size). A blob already there is kept."""
@@ -66,8 +74,7 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
 
     def verify(self, sha: str) -> bool:
-        p = self.path(sha)
-        return p.is_file() and file_sha256(p) == sha
+        return self.has(sha) and file_sha256(self.path(sha)) == sha
 
     def delete(self, sha: str) -> None:
         self.path(sha).unlink(missing_ok=True)
@@ -78,7 +85,8 @@ class BlobStore:
         for d in self.root.iterdir():
             if len(d.name) == 2 and d.is_dir():
                 for f in d.iterdir():
-                    yield d.name + f.name
+                    if SHA256.fullmatch(d.name + f.name):  # a stray file is no blob: gc and verify skip it
+                        yield d.name + f.name
 
     def sweep(self) -> int:
         """Remove temporary files left by a crashed write; returns how many."""
@@ -94,8 +102,22 @@ class BlobStore:
         return n
 
     def link(self, sha: str, dest: Path) -> None:
-        """Place blob `sha` at `dest`: a hard link where the file system allows, else a copy."""
+        """Place blob `sha` at `dest`: a hard link where the file system allows, else a copy. Never follows
+        a link at either end, and never replaces what is already at `dest`."""
+        src = self.path(sha)
+        if not self.has(sha) or src.resolve() != self.root.resolve() / sha[:2] / sha[2:]:
+            raise RegistryError(f"blob {sha[:12]}... is missing or not a regular file in {self.root}")
         try:
-            os.link(self.path(sha), dest)
+            os.link(src, dest, follow_symlinks=False)
+            return
+        except FileExistsError as e:
+            raise RegistryError(f"{dest} already exists; refusing to replace it") from e
         except OSError:
-            shutil.copyfile(self.path(sha), dest)
+            pass  # another file system, or one without hard links: copy
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = os.open(dest, flags, 0o444)
+        except FileExistsError as e:
+            raise RegistryError(f"{dest} already exists; refusing to replace it") from e
+        with os.fdopen(fd, "wb") as out, src.open("rb") as f:
+            shutil.copyfileobj(f, out, CHUNK)

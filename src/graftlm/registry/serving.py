@@ -6,9 +6,13 @@ into a free slot off the request path) while requests already running finish on 
 
 from __future__ import annotations
 
+import logging
+
 from graftlm.engine.adapter_finder import Source, UnknownAdapterError
 from graftlm.registry.records import Ref
 from graftlm.registry.store import Registry, RegistryError
+
+log = logging.getLogger(__name__)
 
 
 class RegistryFinder:
@@ -24,9 +28,14 @@ class RegistryFinder:
             return None
         try:
             v = self.registry.resolve(r)
-        except RegistryError as e:
-            raise UnknownAdapterError(str(e)) from e
-        return Source(v.name, str(v.version), self.registry.checkout(v))
+        except RegistryError as e:  # the name exists: its version or alias does not
+            raise UnknownAdapterError(str(e), known=True) from e
+        try:
+            folder = self.registry.checkout(v)
+        except RegistryError as e:  # a damaged or unsafe version: the operator's log says why, not the client
+            log.error("cannot serve %s: %s", v.ref, e)
+            raise UnknownAdapterError(f"{v.ref} cannot be served") from e
+        return Source(v.name, str(v.version), folder)
 
     def names(self) -> list[str]:
         found = set(self.registry.names())

@@ -26,13 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from graftlm.lora.files import CONFIG_FILE, WEIGHTS_FILE
 from graftlm.registry import index
 from graftlm.registry.blobs import BlobStore
-from graftlm.registry.records import ALIAS, NAME, FileEntry, Ref, RegistryError, Version, lineage_of
+from graftlm.registry.records import (
+    REQUIRED,
+    FileEntry,
+    Ref,
+    RegistryError,
+    Version,
+    check_alias,
+    check_name,
+    check_relpath,
+    lineage_of,
+)
+from graftlm.registry.verify import problems
 
 PROD = "prod"
-REQUIRED = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 @dataclass(frozen=True)
@@ -87,9 +96,8 @@ class Registry:
         """Store an adapter folder as the next version of `name`, and point `aliases` at it in the same
         transaction. Lineage is read from the folder (base fingerprint, training record) and `lineage`
         adds to it."""
-        if not NAME.match(name):
-            raise RegistryError(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-')")
-        aliases = [_check_alias(a) for a in aliases]
+        check_name(name, "publish")
+        aliases = [check_alias(a, "publish") for a in aliases]
         paths = _adapter_files(Path(folder))
         merged = lineage_of(Path(folder)) | (lineage or {})
         with self.writing():
@@ -143,18 +151,21 @@ class Registry:
             return index.alias_history(db, name, alias)
 
     def checkout(self, v: Version) -> Path:
-        """The adapter folder of a version, built once from its blobs (hard links, read-only)."""
+        """The adapter folder of a version, built once from its blobs (hard links, read-only).
+
+        Every name, path and hash is checked again here, since the index may hold rows written before they
+        were checked on the way in; the folder is built in a temporary folder beside it, nothing is
+        written outside that, and a link found in the way is refused, never followed."""
+        v.check()
         final = self.trees / v.name / str(v.version)
+        if final.parent.is_symlink() or final.is_symlink():
+            raise RegistryError(f"{v.ref}: {final} is a link; refused (run `graftlm registry verify`)")
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{v.version}.", dir=final.parent))
         try:
-            for rel, f in v.files.items():
-                if not self.blobs.has(f.sha256):
-                    raise RegistryError(f"{v.ref}: the file {rel} ({f.sha256[:12]}) is missing from the store")
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.blobs.link(f.sha256, tmp / rel)
+            self._build(v, tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -164,10 +175,24 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def _build(self, v: Version, tmp: Path) -> None:
+        root = tmp.resolve()
+        for rel, f in sorted(v.files.items()):
+            if not self.blobs.has(f.sha256):
+                raise RegistryError(f"{v.ref}: the file {rel} ({f.sha256[:12]}) is missing from the store")
+            dest = root / rel
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # `a` and `a/b` in one version (an old, unchecked row)
+                raise RegistryError(f"{v.ref}: cannot place {rel!r}: {e.strerror}") from e
+            if not dest.parent.resolve().is_relative_to(root) or os.path.lexists(dest):
+                raise RegistryError(f"{v.ref}: {rel!r} would land outside its folder or on another file; refused")
+            self.blobs.link(f.sha256, dest)
+
     # ---- aliases -----------------------------------------------------------------------------
     def promote(self, ref: str, alias: str = PROD, reason: str = "promote") -> tuple[Version, int | None]:
         """Point `alias` at the version `ref` names; returns it and the version the alias left."""
-        _check_alias(alias)
+        check_alias(alias, "promote")
         v = self.resolve(ref)
         with self.db() as db, index.transaction(db):
             if index.get_version(db, v.name, v.version) is None:  # deleted since resolve
@@ -206,7 +231,8 @@ class Registry:
             for a in held:
                 index.move_alias(db, v.name, a, None, f"deleted {v.ref}")
             index.delete_version(db, v.name, v.version)
-        shutil.rmtree(self.trees / v.name / str(v.version), ignore_errors=True)
+        if not (self.trees / v.name).is_symlink():  # never delete through a link
+            _remove(self.trees / v.name / str(v.version))
         return v
 
     def gc(self) -> GcReport:
@@ -224,32 +250,20 @@ class Registry:
             trees = 0
             if self.trees.is_dir():
                 for d in self.trees.iterdir():
-                    for t in d.iterdir() if d.is_dir() else ():
-                        if t.name.startswith(".") or (d.name, t.name) not in live:
-                            shutil.rmtree(t, ignore_errors=True)
+                    if not _is_real_dir(d):  # never walk into a link: it may point anywhere
+                        _remove(d)
+                        trees += 1
+                        continue
+                    for t in d.iterdir():
+                        if t.name.startswith(".") or (d.name, t.name) not in live or not _is_real_dir(t):
+                            _remove(t)
                             trees += 1
             return GcReport(blobs, freed, trees, self.blobs.sweep())
 
     # ---- checking ----------------------------------------------------------------------------
     def verify(self, rehash: bool = True) -> list[str]:
-        """Every problem found: missing or altered files, aliases at missing versions, a damaged index."""
-        problems: list[str] = []
-        with self.db() as db:
-            check = db.execute("PRAGMA integrity_check").fetchone()[0]
-            if check != "ok":
-                problems.append(f"index: {check}")
-            for v in index.versions(db):
-                for rel, f in v.files.items():
-                    if not self.blobs.has(f.sha256):
-                        problems.append(f"{v.ref}: {rel} is missing")
-                    elif rehash and not self.blobs.verify(f.sha256):
-                        problems.append(f"{v.ref}: {rel} does not match its sha256")
-                if not all(r in v.files for r in REQUIRED):
-                    problems.append(f"{v.ref}: incomplete (lacks {', '.join(r for r in REQUIRED if r not in v.files)})")
-            for (name, a), number in index.aliases(db).items():
-                if index.get_version(db, name, number) is None:
-                    problems.append(f"{name}@{a} points at missing version {number}")
-        return problems
+        """Every problem found in the index, the blobs and the built folders (see `registry.verify`)."""
+        return problems(self, rehash)
 
     # ---- hints -------------------------------------------------------------------------------
     def _names_hint(self, db: sqlite3.Connection) -> str:
@@ -261,10 +275,16 @@ class Registry:
         return f" (it has {', '.join(found)})" if found else " (it has no aliases)"
 
 
-def _check_alias(alias: str) -> str:
-    if not ALIAS.match(alias):
-        raise RegistryError(f"{alias!r} is not a valid alias (a letter, then letters, digits, '.', '_', '-')")
-    return alias
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder; a link is removed itself, never what it points at."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _adapter_files(folder: Path) -> dict[str, Path]:
@@ -279,5 +299,5 @@ def _adapter_files(folder: Path) -> dict[str, Path]:
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
             continue
-        files[rel.as_posix()] = p
+        files[check_relpath(rel.as_posix(), f"{folder}: {rel.as_posix()!r}")] = p
     return files
