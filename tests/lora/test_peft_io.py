@@ -97,3 +97,59 @@ def test_bad_lora_settings_are_refused() -> None:
     for bad in ({"r": 0}, {"dropout": 1.0}, {"targets": ("qkv",)}, {"layers": (-1,)}):
         with pytest.raises(AdapterError):
             LoraConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_negative_dimension_is_refused(saved: Path, tmp_path: Path) -> None:
+    bad = _copy(saved, tmp_path)
+    data = (bad / WEIGHTS_FILE).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"] = [-d for d in header[first]["shape"]]  # the same element count, as a product
+    new = json.dumps(header).encode()
+    (bad / WEIGHTS_FILE).write_bytes(len(new).to_bytes(8, "little") + new + data[8 + n :])
+    with pytest.raises(AdapterError, match="negative dimension") as e:
+        read_adapter(bad)
+    assert e.value.public == "its adapter_model.safetensors is truncated or corrupt"
+
+
+def test_nan_or_infinite_weights_are_refused(saved: Path, tmp_path: Path) -> None:
+    a = read_adapter(saved)
+    for value in (float("nan"), float("inf")):
+        tensors = {k: t.clone() for k, t in a.tensors.items()}
+        tensors[sorted(tensors)[-1]][0, -1] = value
+        for dtype in ("bfloat16", "float32"):
+            save_adapter(tmp_path / "bad", a.config, tensors, "f", dtype=dtype)
+            with pytest.raises(AdapterError, match="NaN or infinite"):
+                read_adapter(tmp_path / "bad")
+
+
+def test_a_config_nested_too_deep_or_holding_values_gives_a_safe_reason(saved: Path, tmp_path: Path) -> None:
+    bad = _copy(saved, tmp_path)
+    (bad / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json") as e:
+        read_adapter(bad)
+    assert e.value.public == "its adapter_config.json is not a LoRA config"
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "SECRET", "r": 4}))
+    with pytest.raises(AdapterError, match="SECRET") as e:  # the operator's message names it...
+        read_adapter(bad)
+    assert e.value.public is not None and "SECRET" not in e.value.public  # ...the client's does not
+
+
+def test_rank_patterns_run_in_linear_time_or_are_refused() -> None:
+    import time
+
+    evil = LoraConfig(rank_pattern={"(a+)+$": 4, "(x|x)*y": 8})  # Python's re backtracks for ages on these
+    t0 = time.perf_counter()
+    assert evil.rank_alpha("model.layers.0." + "a" * 40 + "!") == (16, 32.0)
+    assert evil.rank_alpha("x" * 60) == (16, 32.0)
+    assert time.perf_counter() - t0 < 0.1
+    for bad in ({"(a)\\1": 4}, {"(?=q)q_proj": 4}, {"q_proj": 0}, {"q_proj": "8"}, {"x" * 600: 4}):
+        with pytest.raises(AdapterError):
+            LoraConfig(rank_pattern=bad)
+    # PEFT's matching rule: the key matches the end of the module path, after a dot
+    c = LoraConfig(rank_pattern={"q_proj": 4, r"layers\.1\..*": 8}, alpha_pattern={"v_proj": 2.0})
+    assert c.rank_alpha("model.layers.0.self_attn.q_proj") == (4, 32.0)
+    assert c.rank_alpha("model.layers.1.mlp.up_proj") == (8, 32.0)
+    assert c.rank_alpha("model.layers.0.self_attn.v_proj") == (16, 2.0)
+    assert c.rank_alpha("model.layers.0.self_attn.xq_proj") == (16, 32.0)

@@ -74,6 +74,16 @@ def test_malformed_line_is_reported_with_file_and_line(tok: Tokenizer, tmp_path:
         load_examples(path, tok, 256)
 
 
+def test_bad_utf8_and_deep_nesting_are_reported_with_file_and_line(tok: Tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8 \(byte 14 of the line\)"):
+        load_examples(path, tok, 256)
+    path.write_bytes(b'{"text": "ok"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: JSON nested too deeply"):
+        load_examples(path, tok, 256)
+
+
 def test_unknown_shape_is_reported(tok: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"d\.jsonl:1: a line needs"):
         load_examples(_write(tmp_path / "d.jsonl", [{"input": "x", "output": "y"}]), tok, 256)

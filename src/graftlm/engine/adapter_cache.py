@@ -60,6 +60,7 @@ class Entry:
     use_dora: bool = False
     load_ms: float = 0.0
     error: str = ""
+    public: str = ""  # the reason of a failed load in words safe to show a client (see AdapterError.public)
     settled: threading.Event = field(default_factory=threading.Event)  # set when the load ends, either way
 
 
@@ -88,26 +89,21 @@ class AdapterCache:
         registered by `load` wins; unknown names raise UnknownAdapterError."""
         name, _, version = ref.partition("@")
         if not NAME.match(name):
-            raise UnknownAdapterError(f"{ref!r} is not a valid adapter name")
+            raise UnknownAdapterError(f"{ref[:80]!r} is not a valid adapter name")
         if name in self.registered:
             if version:
-                raise UnknownAdapterError(f"adapter {name} was loaded from a path and has no version {version!r}")
+                raise UnknownAdapterError(
+                    f"adapter {name} was loaded from a path and has no version {version!r}", known=True
+                )
             return Source(name, "", self.registered[name])
         found = self.finder.resolve(ref) if self.finder is not None else None
-        if found is None:
-            raise UnknownAdapterError(f"adapter {name!r} not found" + self._known_hint())
+        if found is None:  # no list of the others: a client may not be allowed to know them
+            raise UnknownAdapterError(f"adapter {name!r} not found")
         return found
 
     def names(self) -> list[str]:
         """Every adapter a request may name."""
         return sorted(set(self.registered) | set(self.finder.names() if self.finder else ()))
-
-    def _known_hint(self) -> str:
-        names = self.names()
-        if not names:
-            return " (no adapters are available)"
-        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-        return f"; available: {shown}"
 
     # ---- the engine's side -------------------------------------------------------------------
     def try_acquire(self, sources: Iterable[Source], first_try: bool) -> list[Entry] | None:
@@ -120,7 +116,7 @@ class AdapterCache:
                 entry = self.entries.get(src.key)
                 if entry is not None and entry.state == "failed":
                     if not (first_try and self._replaced(entry)):
-                        raise AdapterError(f"adapter {src.key} failed to load: {entry.error}")
+                        raise AdapterError(f"adapter {src.key} failed to load: {entry.error}", entry.public)
                     del self.entries[src.key]  # its files changed since: try again
                     entry = None
                 if entry is not None and entry.state == "ready" and not entry.pinned and self._replaced(entry):
@@ -135,6 +131,13 @@ class AdapterCache:
                 if entry is None:
                     entry = self._start_load(src)
                 entries.append(entry)
+            if any(e is None for e in entries) and self._pinned() + len(sources) > self.slots.n_slots:
+                # no slot will ever come free for it: fail now rather than wait forever
+                raise AdapterError(
+                    f"{len(sources)} adapter slot(s) needed, but {self._pinned()} of the server's "
+                    f"{self.slots.n_slots} are pinned",
+                    "every adapter slot this request needs is pinned by other adapters",
+                )
             if any(e is None or e.state != "ready" for e in entries):
                 return None
             now = time.monotonic()
@@ -153,25 +156,57 @@ class AdapterCache:
 
     # ---- the operator's side -----------------------------------------------------------------
     def load(self, name: str, path: Path | None = None, pin: bool = False) -> Entry:
-        """Load (or reload) an adapter now; with `path`, register it under `name` first. A bad adapter
-        raises AdapterError and changes nothing; a good one replaces the old version (hot swap)."""
-        if not NAME.match(name.partition("@")[0]):
-            raise AdapterError(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-')")
+        """Load (or reload) an adapter now; with `path`, register it under `name`. A bad adapter raises
+        AdapterError and leaves no trace (no name, slot or counter); a good one replaces the old version
+        (hot swap). A name the finder serves cannot be taken over by a path."""
+        if not NAME.match(name):
+            raise AdapterError(f"{name[:80]!r} is not a valid adapter name (letters, digits, '.', '_', '-')")
+        if path is not None and name not in self.registered and self._found(name):
+            msg = f"{name} is served from the adapters on disk; load the path under another name"
+            raise AdapterError(msg, msg)
         src = Source(name, "", Path(path)) if path is not None else self.resolve(name)
         adapter = read_adapter(src.path, dtype=None)  # raises on a corrupt or malformed adapter
         check_fits(adapter, self.slots.model, self.force)
         self._check_rank(adapter)
+        stamp = _stamp(src.path)
         with self.lock:
+            slot = self._reserve_slot()
+            if slot is None:
+                msg = f"no free adapter slot for {name}: all {self.slots.n_slots} are in use or pinned"
+                raise AdapterError(msg, msg)
+        t0 = time.perf_counter()
+        try:
+            self.slots.load(slot, adapter, checked=True)
+        except BaseException:
+            with self.lock:
+                self.slots.clear(slot)
+                self.free.append(slot)
+            raise
+        entry = Entry(src, stamp, slot, state="ready", use_dora=adapter.config.use_dora)
+        entry.load_ms = (time.perf_counter() - t0) * 1000
+        entry.settled.set()
+        with self.lock:
+            old = self.entries.get(src.key)
+            if old is not None:
+                entry.pinned = old.pinned
+                self._retire(old)
+            entry.pinned = entry.pinned or pin
             if path is not None:
                 self.registered[name] = Path(path)
-            old = self.entries.get(src.key)
-            if old is not None and old.state in ("ready", "loading"):
-                self._retire(old)
-            entry = self._start_load(src, adapter)
-            if entry is None:
-                raise AdapterError(f"no free adapter slot for {name}: all {self.slots.n_slots} are in use or pinned")
-            entry.pinned = entry.pinned or pin
+            self.entries[src.key] = entry
+            st = self._stat(src.name)
+            st.loads += 1
+            st.load_seconds += entry.load_ms / 1000
+        log.info("loaded adapter %s into slot %d in %.1f ms", src.key, slot, entry.load_ms)
+        self.on_change()
         return entry
+
+    def _found(self, name: str) -> bool:
+        """Does the finder serve `name` (with any version)?"""
+        try:
+            return self.finder is not None and self.finder.resolve(name) is not None
+        except UnknownAdapterError:
+            return True  # known, without a usable version
 
     def unload(self, name: str) -> bool:
         """Drop an adapter from memory (at once, or when its last running request ends). False if it
@@ -208,7 +243,7 @@ class AdapterCache:
                 if e.state == "ready":
                     return e
                 if e.state == "failed":
-                    raise AdapterError(f"adapter {src.key} failed to load: {e.error}")
+                    raise AdapterError(f"adapter {src.key} failed to load: {e.error}", e.public)
         raise TimeoutError(f"adapter {name} not loaded within {timeout} s")
 
     def resident(self) -> list[Entry]:
@@ -230,6 +265,10 @@ class AdapterCache:
 
     def _stat(self, name: str) -> AdapterStats:
         return self.stats.setdefault(name, AdapterStats())
+
+    def _pinned(self) -> int:
+        """Slots that stay taken whatever happens: pinned adapters, loaded or loading."""
+        return sum(e.pinned and e.state in ("ready", "loading") for e in self.entries.values())
 
     def _replaced(self, entry: Entry) -> bool:
         """Have the adapter's files changed since it was loaded (a hot swap on disk)?"""
@@ -272,36 +311,33 @@ class AdapterCache:
         slot, victim.slot = victim.slot, -1
         return slot
 
-    def _start_load(self, src: Source, adapter: Adapter | None = None) -> Entry | None:
+    def _start_load(self, src: Source) -> Entry | None:
         try:
             stamp = _stamp(src.path)
         except OSError as e:
-            stamp = (0, 0, 0)
-            if adapter is None:
-                entry = Entry(src, stamp, -1, state="failed", error=f"cannot read {src.path}: {e}")
-                self.entries[src.key] = entry
-                return entry
+            entry = Entry(src, (0, 0, 0), -1, state="failed", error=f"cannot read {src.path}: {e}")
+            entry.public = "its weights file cannot be read"
+            self.entries[src.key] = entry
+            return entry
         slot = self._reserve_slot()
         if slot is None:
             return None  # every slot is held by running requests: try again after one finishes
         entry = Entry(src, stamp, slot)
         self.entries[src.key] = entry
-        self._loader.submit(self._load, entry, adapter)
+        self._loader.submit(self._load, entry)
         return entry
 
-    def _load(self, entry: Entry, adapter: Adapter | None) -> None:
+    def _load(self, entry: Entry) -> None:
         t0 = time.perf_counter()
+        error = public = ""
         try:
-            if adapter is None:
-                with open_adapter(entry.source.path) as lazy:  # tensors stream into the slot as read
-                    check_fits(lazy, self.slots.model, self.force)
-                    self._check_rank(lazy)
-                    self.slots.load(entry.slot, lazy, checked=True)
-                    use_dora = lazy.config.use_dora
-            else:
-                self.slots.load(entry.slot, adapter, checked=True)
-                use_dora = adapter.config.use_dora
-            error = ""
+            with open_adapter(entry.source.path) as lazy:  # tensors stream into the slot as read
+                check_fits(lazy, self.slots.model, self.force)
+                self._check_rank(lazy)
+                self.slots.load(entry.slot, lazy, checked=True)
+                use_dora = lazy.config.use_dora
+        except AdapterError as e:
+            error, public = str(e), e.public or ""
         except (GraftlmError, OSError) as e:
             error = str(e)
         except Exception as e:  # a bug must not kill the loader thread
@@ -313,7 +349,7 @@ class AdapterCache:
             if error:
                 st.load_failures += 1
                 log.warning("adapter %s failed to load: %s", entry.source.key, error)
-                entry.error = error
+                entry.error, entry.public = error, public
                 self.slots.clear(entry.slot)
                 self.free.append(entry.slot)
                 entry.slot = -1
@@ -336,5 +372,6 @@ class AdapterCache:
         if max(ranks, default=0) > self.slots.r_max:
             raise AdapterError(
                 f"adapter {adapter.name} has rank {max(ranks)}; this server's slots hold rank <= "
-                f"{self.slots.r_max} (start it with a larger --max-rank)"
+                f"{self.slots.r_max} (start it with a larger --max-rank)",
+                f"its rank is larger than this server's slots hold ({self.slots.r_max})",
             )

@@ -14,11 +14,19 @@ from typing import Protocol
 from graftlm.errors import GraftlmError
 from graftlm.lora.peft_io import CONFIG_FILE
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # as the registry's names
 
 
 class UnknownAdapterError(GraftlmError):
-    """A request names an adapter that is not on disk or registered."""
+    """A request names an adapter that is not on disk or registered, or a version or alias it lacks.
+
+    `known`: the adapter's name exists (only its version or alias does not), so the message may be shown
+    to a client allowed to use that name; an unknown name gets the server's one uniform 404 instead.
+    """
+
+    def __init__(self, message: str, known: bool = False):
+        super().__init__(message)
+        self.known = known
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,21 @@ class AdapterFolder:
     def resolve(self, ref: str) -> Source | None:
         name, _, version = ref.partition("@")
         if version and not NAME.match(version):
-            raise UnknownAdapterError(f"{ref!r} is not a valid adapter name")
+            raise UnknownAdapterError(f"{ref[:80]!r} is not a valid adapter name")
         folder = self.root / name
         if not folder.is_dir():
             return None
         if _is_adapter(folder):
             if version:
-                raise UnknownAdapterError(f"adapter {name} has no versions (asked for {version!r})")
+                raise UnknownAdapterError(f"adapter {name} has no versions (asked for {version!r})", known=True)
             return Source(name, "", folder)
         versions = sorted((p.name for p in folder.iterdir() if _is_adapter(p)), key=_version_order)
         if not versions:
-            raise UnknownAdapterError(f"adapter folder {folder} holds no {CONFIG_FILE}")
+            raise UnknownAdapterError(f"adapter {name} has no version folder holding {CONFIG_FILE}", known=True)
         if version and version not in versions:
-            raise UnknownAdapterError(f"adapter {name} has no version {version!r} (has {', '.join(versions)})")
+            raise UnknownAdapterError(
+                f"adapter {name} has no version {version!r} (has {', '.join(versions)})", known=True
+            )
         chosen = version or versions[-1]
         return Source(name, chosen, folder / chosen)
 

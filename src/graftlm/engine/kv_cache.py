@@ -72,6 +72,11 @@ class RowKVCache(KVCache):
         """Rows 0..n-1 each writing one token at its own position (`positions` [n] long)."""
         return DecodeView(self, positions)
 
+    def clear(self, row: int, length: int) -> None:
+        """Zero a row's first `length` positions (after it held NaN: masked stale positions must be finite)."""
+        self.k[:, row, :, :length] = 0
+        self.v[:, row, :, :length] = 0
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a row's first `length` positions to another row (packing rows after one finishes)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# below this temperature, sampling is greedy: 1/T overflows float32 (vLLM uses the same floor)
+MIN_TEMPERATURE = 1e-5
+SEED_SPACE = 2**64  # seeds are taken modulo 2^64, the width of torch's generator state
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0
     seed: int | None = None
@@ -20,18 +25,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.greedy:
@@ -40,7 +45,7 @@ class SamplingParams:
         if self.seed is None:
             g.seed()
         else:
-            g.manual_seed(self.seed)
+            g.manual_seed(self.seed % SEED_SPACE)  # any integer, negative or past 2^64, is a seed
         return g
 
 
@@ -65,4 +70,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return int(logits.argmax())
     probs = filter_logits(logits.float(), params).softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the model's output is not finite (NaN or infinity); nothing to sample from")
     return int(torch.multinomial(probs, 1, generator=generator))

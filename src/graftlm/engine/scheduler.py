@@ -11,15 +11,21 @@ One engine thread owns the model. Each iteration it
 KV memory is `RowKVCache`: `max_batch` rows of `max_len` positions, allocated once. Decoding rows sit
 at 0..n-1 and prefilling rows after them; when a row leaves, later rows are moved down (a copy of
 their filled positions only).
+
+One request cannot hurt another: its settings are checked before it is queued, a row whose output is
+not finite is failed alone (a packed prefill retries its rows one by one to find it) and its KV row is
+zeroed, so the stale positions a later request's mask hides are always finite and weigh exactly 0;
+an error choosing one row's token fails that row only; and tenants take turns for rows (`admission`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 
 from graftlm.engine.adapter_cache import AdapterCache, Entry
 from graftlm.engine.adapter_finder import AdapterFinder, Source
+from graftlm.engine.admission import FairQueue, Placed
 from graftlm.engine.json_mode import JsonConstraint, JsonVocab
 from graftlm.engine.kv_cache import RowKVCache
 from graftlm.engine.sampling import SamplingParams
@@ -42,8 +49,19 @@ from graftlm.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+MAX_ADAPTER_WEIGHT = 10.0  # |weight| of one adapter in a mix
+
+
 class EngineOverloadedError(GraftlmError):
-    """More requests are waiting than the engine accepts (`max_waiting`)."""
+    """More requests are waiting than the engine accepts (`max_waiting`, `max_queued_per_tenant`)."""
+
+
+class TenantBusyError(EngineOverloadedError):
+    """One tenant has `max_queued_per_tenant` requests in the engine already."""
+
+
+class NonFiniteOutputError(GraftlmError):
+    """A request's forward gave NaN or infinite logits (its adapter or mix is broken); it alone fails."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class EngineConfig:
     max_rank: int = 16  # the largest adapter rank the slots hold
     adapter_dtype: str = "bfloat16"  # how slots hold adapters: bfloat16 (as stored) or float32
     max_waiting: int = 10_000  # queued requests beyond this are refused
+    max_queued_per_tenant: int = 4096  # one tenant's requests in the engine (waiting or running)
     strategy: str = "auto"  # how rows with different adapters are computed (see lora.batched)
 
 
@@ -78,6 +97,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     json_mode: bool = False
+    tenant: str = ""  # who asked (an API key's tenant): rows are shared fairly between tenants
     # engine-side state
     decoding: Decoding | None = None
     entries: list[Entry] = field(default_factory=list)
@@ -85,6 +105,7 @@ class Request:
     row: int = -1
     filled: int = 0  # positions of this row's KV holding real tokens
     last_token: int = 0
+    alone: bool = False  # prefill it by itself: its packed prefill gave non-finite output
 
     def cancel(self) -> None:
         """Stop generating (client gone): the engine frees the row at its next step."""
@@ -117,7 +138,8 @@ class Engine:
         self.cache.on_change = self._wake
         self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.dtype, self.device)
         self._incoming: deque[Request] = deque()
-        self._waiting: deque[Request] = deque()
+        self._waiting: FairQueue[Request] = FairQueue()
+        self._open: Counter[str] = Counter()  # requests submitted and not finished, by tenant (under _cond)
         self.decoding: list[Request] = []
         self.prefilling: list[Request] = []
         self._cond = threading.Condition()
@@ -149,16 +171,30 @@ class Engine:
         adapters: Sequence[tuple[Source, float]] = (),
         sink: Callable[[Output], None] | None = None,
         json_mode: bool = False,
+        tenant: str = "",
     ) -> Request:
         """Queue a request; its outputs go to `sink` (called on the engine thread), see `run`.
 
         json_mode: constrain the output to a valid JSON object (see `graftlm.engine.json_mode`).
+        tenant: who asks; tenants share the rows fairly (see `graftlm.engine.admission`).
         """
         check_prompt(prompt, self.max_len, "this server's context")
+        for src, w in adapters:
+            if not (math.isfinite(w) and abs(w) <= MAX_ADAPTER_WEIGHT):
+                raise ValueError(
+                    f"adapter {src.key} has weight {w}: a weight is a finite number within ±{MAX_ADAPTER_WEIGHT:g}"
+                )
         req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), json_mode=json_mode)
+        req.tenant = tenant
         with self._cond:
-            if len(self._incoming) + len(self._waiting) >= self.config.max_waiting:
+            if self.queue_depth >= self.config.max_waiting:
                 raise EngineOverloadedError(f"{self.config.max_waiting} requests are already waiting; try again later")
+            if self._open[tenant] >= self.config.max_queued_per_tenant:
+                raise TenantBusyError(
+                    f"{self.config.max_queued_per_tenant} of your requests are already queued or running; "
+                    "try again later"
+                )
+            self._open[tenant] += 1
             self._incoming.append(req)
             self._cond.notify()
         return req
@@ -198,8 +234,7 @@ class Engine:
                 with self._cond:
                     if self._stop:
                         break
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
+                    self._take_incoming()
                     if not (self.decoding or self.prefilling or self._admissible()):
                         self._cond.wait(timeout=0.05)
                         continue
@@ -215,11 +250,9 @@ class Engine:
                     self.decoding, self.prefilling = [], []
         finally:
             with self._cond:
-                self._waiting.extend(self._incoming)
-                self._incoming.clear()
-            for req in list(self._waiting) + self.decoding + self.prefilling:
+                self._take_incoming()
+            for req in self._waiting.remove(lambda r: False) + self.decoding + self.prefilling:
                 self._finish(req, error=GraftlmError("the server is shutting down"))
-            self._waiting.clear()
             self.decoding, self.prefilling = [], []
 
     def stop(self) -> None:
@@ -234,7 +267,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._incoming) + len(self._waiting)
+        """Requests waiting for a row (read from any thread: counters, not the queues)."""
+        return max(0, self._open.total() - len(self.decoding) - len(self.prefilling))
 
     @property
     def batch_size(self) -> int:
@@ -245,8 +279,12 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
+    def _take_incoming(self) -> None:
+        while self._incoming:
+            self._waiting.push(self._incoming.popleft())
+
     def _admissible(self) -> bool:
-        return bool(self._waiting) and len(self.decoding) + len(self.prefilling) < self.config.max_batch
+        return len(self._waiting) > 0 and len(self.decoding) + len(self.prefilling) < self.config.max_batch
 
     def _iterate(self) -> bool:
         """One engine step; False when there was nothing to run."""
@@ -269,8 +307,7 @@ class Engine:
         return True
 
     def _drop_cancelled(self) -> None:
-        for req in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(req)
+        for req in self._waiting.remove(lambda r: not r.cancelled):
             self._finish(req, reason="cancelled")
         gone = [r for r in self.decoding + self.prefilling if r.cancelled]
         for req in gone:
@@ -279,33 +316,34 @@ class Engine:
             self._pack()
 
     def _admit(self) -> None:
-        still: deque[Request] = deque()
-        while self._waiting:
-            req = self._waiting.popleft()
-            if len(self.decoding) + len(self.prefilling) >= self.config.max_batch:
-                still.append(req)
-                continue
-            try:
-                entries = self.cache.try_acquire([s for s, _ in req.adapters], first_try=not req.tried)
-            except AdapterError as e:
-                self._finish(req, error=e)
-                continue
-            req.tried = True
-            if entries is None:
-                still.append(req)  # its adapter is loading; later requests may go ahead
-                continue
+        running = Counter(r.tenant for r in self.decoding + self.prefilling)
+        free = self.config.max_batch - len(self.decoding) - len(self.prefilling)
+        self._waiting.admit(free, self.config.max_batch, running, self._place)
+
+    def _place(self, req: Request) -> Placed:
+        """Give `req` a row if its adapters are resident; a request that cannot run fails alone."""
+        try:
+            entries = self.cache.try_acquire([s for s, _ in req.adapters], first_try=not req.tried)
+        except Exception as e:
+            self._finish(req, error=e)
+            return "gone"
+        req.tried = True
+        if entries is None:
+            return "wait"  # its adapter is loading; later requests may go ahead
+        req.entries = entries
+        try:
             if len(entries) > 1 and any(e.use_dora for e in entries):
-                self.cache.release(entries)
                 names = ", ".join(e.source.key for e in entries if e.use_dora)
-                self._finish(req, error=AdapterError(f"DoRA adapters ({names}) cannot be combined with others"))
-                continue
-            req.entries = entries
+                raise AdapterError(f"DoRA adapters ({names}) cannot be combined with others")
             budget = min(req.params.max_new_tokens, self.max_len - len(req.prompt))
             constraint = JsonConstraint(self._json_vocab()) if req.json_mode else None
             req.decoding = Decoding(req.params, self.tokenizer, self.stop_ids, budget, self.device, constraint)
-            req.row, req.filled = len(self.decoding) + len(self.prefilling), 0
-            self.prefilling.append(req)
-        self._waiting = still
+        except Exception as e:
+            self._finish(req, error=e)  # releases its adapters
+            return "gone"
+        req.row, req.filled = len(self.decoding) + len(self.prefilling), 0
+        self.prefilling.append(req)
+        return "admitted"
 
     def _json_vocab(self) -> JsonVocab:
         if self._json is None:
@@ -330,12 +368,20 @@ class Engine:
         )[:, -1]
         for r in reqs:
             r.filled += 1
+        ok = torch.isfinite(logits).all(-1).tolist()
+        if not all(ok):
+            for r, fine in zip(reqs, ok, strict=True):
+                if not fine:
+                    self._fail_non_finite(r)
+            self._pack()
+            keep = [i for i, fine in enumerate(ok) if fine]
+            reqs, logits = [reqs[i] for i in keep], logits[keep]
         self._choose(reqs, logits)
 
     def _prefill_step(self) -> None:
         first = self.prefilling[0]
         budget = self.config.prefill_tokens
-        if first.filled > 0 or len(first.prompt) > budget:
+        if first.filled > 0 or len(first.prompt) > budget or first.alone:
             self._prefill_chunk(first, budget)
             return
         # whole prompts, oldest first, packed end to end into one sequence: no padding
@@ -365,7 +411,16 @@ class Engine:
         last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         for r in group:
             r.filled = len(r.prompt)
-        self._prefilled(group, self.model.logits(h[0, last]))
+        logits = self.model.logits(h[0, last])
+        ok = torch.isfinite(logits).all(-1).tolist()
+        if not all(ok):  # NaN in one prompt's keys reaches every prompt packed with it: retry each alone
+            for r, fine in zip(group, ok, strict=True):
+                if not fine:
+                    self.kv.clear(r.row, r.filled)
+                    r.filled, r.alone = 0, True
+            keep = [i for i, fine in enumerate(ok) if fine]
+            group, logits = [group[i] for i in keep], logits[keep]
+        self._prefilled(group, logits)
 
     def _prefill_chunk(self, req: Request, budget: int) -> None:
         """The next chunk of a prompt longer than the budget, attending to the chunks before it."""
@@ -379,21 +434,47 @@ class Engine:
         )
         req.filled += len(chunk)
         if req.filled == len(req.prompt):
-            self._prefilled([req], self.model.logits(h[0, -1:]))
+            logits = self.model.logits(h[0, -1:])
+            if not bool(torch.isfinite(logits).all()):
+                self._fail_non_finite(req)
+                self._pack()
+                return
+            self._prefilled([req], logits)
 
     def _prefilled(self, done: list[Request], logits: torch.Tensor) -> None:
-        # the prefilled rows are the first prefilling ones: they join the decoding rows where they are
-        del self.prefilling[: len(done)]
+        # the prefilled rows join the decoding ones; they are the first prefilling rows, but for any set
+        # back to prefill alone (then `_pack` moves them down and the set-back rows, empty, after them)
+        self.prefilling = [r for r in self.prefilling if not any(r is d for d in done)]
         self.decoding.extend(done)
-        self._choose(done, logits)
+        self._pack()
+        if done:
+            self._choose(done, logits)
+
+    def _fail_non_finite(self, req: Request) -> None:
+        """Fail a row whose output was NaN or infinite, zeroing its KV first: stale positions of a row are
+        hidden by later requests' masks, and a masked 0 times NaN would still be NaN."""
+        self.kv.clear(req.row, req.filled)
+        self._finish(
+            req,
+            error=NonFiniteOutputError(
+                "the model's output for this request is not finite (NaN or infinity): its adapter or mix is "
+                "broken; other requests are unaffected"
+            ),
+        )
 
     def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
         greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]
         picks = logits.argmax(-1).tolist() if any(greedy) else []
         finished = False
         for i, r in enumerate(reqs):
-            tok = picks[i] if greedy[i] else r.decoding.choose(logits[i])
-            got = r.decoding.accept(tok)
+            try:
+                tok = picks[i] if greedy[i] else r.decoding.choose(logits[i])
+                got = r.decoding.accept(tok)
+            except Exception as e:  # this row's settings or text: fail it alone
+                log.warning("request failed choosing its token: %s", e)
+                self._finish(r, error=e)
+                finished = True
+                continue
             r.last_token = tok
             r.token_ids.append(tok)
             self.tokens_generated += 1
@@ -416,6 +497,10 @@ class Engine:
         if req.done:
             return
         req.finished_at = time.monotonic()
+        with self._cond:
+            self._open[req.tenant] -= 1
+            if self._open[req.tenant] <= 0:
+                del self._open[req.tenant]
         for name in [s.name for s, _ in req.adapters] or [""]:
             st = self.cache.stat(name)
             st.requests += 1

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2
 
 from graftlm.errors import GraftlmError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# rank_pattern and alpha_pattern keys are regexes from the adapter's own file: they are matched with RE2,
+# which runs in linear time (Python's `re` can backtrack for minutes on a crafted pattern, holding the GIL)
+MAX_PATTERNS = 1024
+MAX_PATTERN_CHARS = 512
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is our error message, not a line on stderr
 
 
 class AdapterError(GraftlmError):
-    """A malformed adapter, or one that does not fit the base model."""
+    """A malformed adapter, or one that does not fit the base model.
+
+    `public` is the reason in words safe to show a remote client: no path, file contents or config
+    value (the server shows it, or a generic reason, never the full message).
+    """
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,10 @@ class LoraConfig:
             raise AdapterError(f"unknown LoRA target(s) {unknown or '(none)'}; choose from {', '.join(TARGETS)}")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise AdapterError(f"layer indices must be >= 0, got {self.layers}")
+        if not math.isfinite(self.alpha):
+            raise AdapterError("lora_alpha must be a finite number")
+        for what, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            _check_patterns(what, patterns)
 
     def targets_module(self, layer: int, target: str) -> bool:
         return target in self.targets and (self.layers is None or layer in self.layers)
@@ -101,9 +121,34 @@ class LoraConfig:
         )
 
 
+def _check_patterns(what: str, patterns: dict[str, Any]) -> None:
+    if len(patterns) > MAX_PATTERNS:
+        raise AdapterError(f"{what} has {len(patterns)} entries; at most {MAX_PATTERNS} are accepted")
+    for key, value in patterns.items():
+        if not isinstance(key, str) or len(key) > MAX_PATTERN_CHARS:
+            raise AdapterError(f"{what} keys must be strings of at most {MAX_PATTERN_CHARS} characters")
+        _compiled(key)
+        if what == "rank_pattern":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AdapterError("every rank_pattern value must be an integer rank >= 1")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise AdapterError("every alpha_pattern value must be a finite number")
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> Any:
+    try:
+        return re2.compile(rf"(.*\.)?({key})$", _RE2_OPTIONS)
+    except re2.error:
+        raise AdapterError(
+            "an adapter pattern (rank_pattern or alpha_pattern key) is not a regular expression RE2 accepts "
+            "(no backreferences or lookarounds)"
+        ) from None
+
+
 def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
     # PEFT's get_pattern_key: the first key that matches the end of the module path
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if _compiled(key).match(path):
             return value
     return default

@@ -7,6 +7,7 @@ fingerprint travels in the safetensors metadata, which PEFT, vLLM and LoRAX igno
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -98,17 +99,14 @@ def open_adapter(path: Path) -> Iterator[Adapter]:
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights_file):
         if not f.is_file():
-            raise AdapterError(f"adapter {path} is missing {f.name}")
-    try:
-        config = LoraConfig.from_peft(json.loads(cfg_file.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise AdapterError(f"adapter {path}: cannot read {CONFIG_FILE}: {e}") from e
+            raise AdapterError(f"adapter {path} is missing {f.name}", public=f"it has no {f.name}")
+    config = _read_config(cfg_file, path)
     _read_ahead(weights_file)
     with open(weights_file, "rb") as f:
         try:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
-            raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (empty?): {e}") from e
+            raise AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (empty?): {e}", public=_CORRUPT) from e
     tensors: dict[str, torch.Tensor] = {}
     try:
         tensors, meta = _mapped_tensors(mapped, path)
@@ -121,6 +119,23 @@ def open_adapter(path: Path) -> Iterator[Adapter]:
             mapped.close()
 
 
+_CORRUPT = f"its {WEIGHTS_FILE} is truncated or corrupt"
+_NOT_FINITE = "its weights hold NaN or infinite values"
+_LAYOUT = "its weights are not laid out as PEFT's LoRA tensors"
+_SHAPES_DIFFER = "its shapes do not fit this base model"
+
+
+def _read_config(cfg_file: Path, path: Path) -> LoraConfig:
+    try:
+        return LoraConfig.from_peft(json.loads(cfg_file.read_text()))
+    except AdapterError as e:
+        raise AdapterError(f"adapter {path}: {e}", public=f"its {CONFIG_FILE} holds settings not supported") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError, ValueError, AttributeError) as e:
+        raise AdapterError(
+            f"adapter {path}: cannot read {CONFIG_FILE}: {e}", public=f"its {CONFIG_FILE} is not a LoRA config"
+        ) from e
+
+
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 # the views on a read-only map are only ever read; torch warns about every one of them otherwise
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -131,7 +146,7 @@ def _mapped_tensors(buf: mmap.mmap, path: Path) -> tuple[dict[str, torch.Tensor]
     checking what safetensors checks: the header, dtypes, and that every tensor lies inside the file."""
 
     def bad(why: str) -> AdapterError:
-        return AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {why}")
+        return AdapterError(f"adapter {path}: cannot read {WEIGHTS_FILE} (truncated or corrupt?): {why}", _CORRUPT)
 
     if len(buf) < 8:
         raise bad("shorter than its header")
@@ -140,7 +155,7 @@ def _mapped_tensors(buf: mmap.mmap, path: Path) -> tuple[dict[str, torch.Tensor]
         raise bad(f"header of {n} bytes in a {len(buf)}-byte file")
     try:
         header = json.loads(bytes(buf[8 : 8 + n]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise bad(f"header is not JSON: {e}") from e
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
@@ -154,6 +169,8 @@ def _mapped_tensors(buf: mmap.mmap, path: Path) -> tuple[dict[str, torch.Tensor]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"tensor {key!r}: {e}") from e
+        if any(d < 0 for d in shape):
+            raise bad(f"tensor {key!r} has a negative dimension")
         count = math.prod(shape)
         if end - begin != count * dtype.itemsize or begin < 0 or data + end > len(buf):
             raise bad(f"tensor {key!r} does not fit the file")
@@ -163,7 +180,26 @@ def _mapped_tensors(buf: mmap.mmap, path: Path) -> tuple[dict[str, torch.Tensor]
             else torch.empty(0, dtype=dtype)
         )
         tensors[key] = t.view(shape)
+    _check_finite(buf, data, header, tensors, path)
     return tensors, meta
+
+
+def _check_finite(buf: mmap.mmap, data: int, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite weights: one such row would poison every prompt packed beside it.
+
+    The usual file (one dtype, tensors end to end) is checked as one span: one reduction, not 300."""
+    spans = sorted((int(i["data_offsets"][0]), int(i["data_offsets"][1]), i["dtype"]) for i in header.values())
+    dtypes = {d for _, _, d in spans}
+    tiled = all(a[1] == b[0] for a, b in itertools.pairwise(spans)) and (not spans or spans[0][0] == 0)
+    if len(dtypes) == 1 and tiled and spans:
+        dtype = _DTYPES[spans[0][2]]
+        whole = torch.frombuffer(buf, dtype=dtype, count=spans[-1][1] // dtype.itemsize, offset=data)
+        views = [whole]
+    else:
+        views = [t.reshape(-1) for t in tensors.values()]
+    for v in views:
+        if v.numel() and not bool(torch.isfinite(v.abs().amax())):  # amax carries a NaN through
+            raise AdapterError(f"adapter {path}: {WEIGHTS_FILE} holds NaN or infinite values", _NOT_FINITE)
 
 
 def _read_ahead(path: Path) -> None:
@@ -176,18 +212,18 @@ def _read_ahead(path: Path) -> None:
 
 def _check_keys(adapter: Adapter) -> None:
     if not adapter.tensors:
-        raise AdapterError(f"adapter {adapter.name} has no weights")
+        raise AdapterError(f"adapter {adapter.name} has no weights", _LAYOUT)
     kinds: dict[str, set[str]] = {}
     for key in adapter.tensors:
         m = _KEY.match(key)
         if m is None or m.group(3) not in TARGETS:
-            raise AdapterError(f"adapter {adapter.name}: unexpected tensor {key!r}")
+            raise AdapterError(f"adapter {adapter.name}: unexpected tensor {key!r}", _LAYOUT)
         kinds.setdefault(module_path(int(m.group(1)), m.group(3)), set()).add(m.group(4))
     for path, have in kinds.items():
         if not {"lora_A.weight", "lora_B.weight"} <= have:
-            raise AdapterError(f"adapter {adapter.name}: {path} lacks lora_A or lora_B")
+            raise AdapterError(f"adapter {adapter.name}: {path} lacks lora_A or lora_B", _LAYOUT)
         if adapter.config.use_dora != ("lora_magnitude_vector" in have):
-            raise AdapterError(f"adapter {adapter.name}: {path} DoRA magnitude does not match use_dora")
+            raise AdapterError(f"adapter {adapter.name}: {path} DoRA magnitude does not match use_dora", _LAYOUT)
 
 
 def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
@@ -200,7 +236,7 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
             f"not on this one ({model.fingerprint()[:12]})"
         )
         if not force:
-            raise AdapterError(msg + "; pass force to load it anyway")
+            raise AdapterError(msg + "; pass force to load it anyway", "it was trained on another base model")
         log.warning("%s; loading anyway (forced)", msg)
     c = model.config
     shapes = _proj_shapes(model)
@@ -210,14 +246,17 @@ def check_fits(adapter: Adapter, model: Llama, force: bool = False) -> None:
         layer, target, kind = int(m.group(1)), m.group(3), m.group(4)
         if layer >= c.num_hidden_layers:
             raise AdapterError(
-                f"adapter {adapter.name}: {key} is for layer {layer}, the base has {c.num_hidden_layers} layers"
+                f"adapter {adapter.name}: {key} is for layer {layer}, the base has {c.num_hidden_layers} layers",
+                _SHAPES_DIFFER,
             )
         path = module_path(layer, target)
         out_f, in_f = shapes[path]
         r, _ = adapter.config.rank_alpha(path)
         want = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r), "lora_magnitude_vector": (out_f,)}[kind]
         if tuple(t.shape) != want:
-            raise AdapterError(f"adapter {adapter.name}: {key} has shape {tuple(t.shape)}, this base needs {want}")
+            raise AdapterError(
+                f"adapter {adapter.name}: {key} has shape {tuple(t.shape)}, this base needs {want}", _SHAPES_DIFFER
+            )
 
 
 _SHAPES: weakref.WeakKeyDictionary[Llama, dict[str, tuple[int, int]]] = weakref.WeakKeyDictionary()

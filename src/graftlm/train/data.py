@@ -43,14 +43,20 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a malformed line is a `DataError` naming it."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes, so that bad UTF-8 is reported with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             yield n, obj
