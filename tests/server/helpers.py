@@ -12,15 +12,17 @@ import uvicorn
 
 from graftlm.engine.scheduler import Engine
 from graftlm.server.app import create_app
+from graftlm.server.settings import ServerSettings
 
 
 @contextmanager
-def serving(engine: Engine, name: str) -> Iterator[str]:
-    """Serve `engine` on a free port of 127.0.0.1 from a thread; yields the base URL; stops both after."""
+def serving(engine: Engine, settings: ServerSettings | str) -> Iterator[str]:
+    """Serve `engine` on a free port of 127.0.0.1 from a thread; yields the base URL; stops both after.
+    `settings` may be just the base model's name (no keys, no runtime loading)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine, name)
+    app = create_app(engine, settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", backlog=2048)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -134,29 +134,6 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, server: tuple[str
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-def test_load_unload_and_hot_swap(client: openai.OpenAI, server: tuple[str, object], adapters_dir: Path) -> None:
-    url = server[0]
-    kw = {"prompt": "Swap", "max_tokens": 8, "temperature": 0}
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": str(adapters_dir / "a1")})
-    assert r.status_code == 200, r.text
-    first = client.completions.create(model="hot", **kw).choices[0].text
-    assert first == client.completions.create(model="a1", **kw).choices[0].text
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": str(adapters_dir / "a2")})
-    assert r.status_code == 200
-    assert client.completions.create(model="hot", **kw).choices[0].text == (
-        client.completions.create(model="a2", **kw).choices[0].text
-    )
-    bad = httpx.post(
-        url + "/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": str(adapters_dir / "broken")}
-    )
-    assert bad.status_code == 400 and "corrupt" in bad.json()["error"]["message"]
-    assert client.completions.create(model="hot", **kw).choices[0].text != first  # still the a2 version
-    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"}).status_code == 200
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="hot", **kw)
-    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"}).status_code == 404
-
-
 def test_disconnect_mid_stream_frees_the_row(server: tuple[str, object]) -> None:
     url, engine = server
     body = {"model": "a0", "prompt": "Go on", "max_tokens": 120, "temperature": 0, "stream": True}

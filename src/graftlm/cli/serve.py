@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from graftlm.cli.options import DTYPES, add_model
@@ -13,6 +14,8 @@ from graftlm.errors import GraftlmError
 from graftlm.model import catalog
 from graftlm.registry import Registry
 from graftlm.registry.serving import RegistryFinder
+from graftlm.server.auth import KeyRing
+from graftlm.server.settings import ServerSettings, check_host
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,49 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the adapters of this registry: NAME (its prod version), NAME@VERSION, NAME@ALIAS; "
         "a moved alias is picked up by the next request, without a restart",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1); any other than loopback needs keys or --insecure",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: the --model value)")
+    a = p.add_argument_group("access (see docs/security.md)")
+    a.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this key with full access, admin included (repeatable; also $GRAFTLM_API_KEY)",
+    )
+    a.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML file of keys, each with its tenant, the adapters it may use (globs) and whether it is admin",
+    )
+    a.add_argument(
+        "--insecure", action="store_true", help="listen on a non-loopback address without keys (anyone may call)"
+    )
+    a.add_argument(
+        "--allow-runtime-loading",
+        action="store_true",
+        help="open /v1/load_lora_adapter and /v1/unload_lora_adapter to admin keys",
+    )
+    a.add_argument(
+        "--adapter-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the folder runtime loads may read from (default: --adapters)",
+    )
+    a.add_argument(
+        "--max-body-mb", type=float, default=4.0, help="largest request body, in MB (default: 4); larger gets 413"
+    )
+    a.add_argument(
+        "--max-choices", type=int, default=64, help="most completions (prompts x n) in one request (default: 64)"
+    )
     g = p.add_argument_group("engine")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help=f"rows decoded together (default: {d.max_batch})")
     g.add_argument(
@@ -94,11 +137,29 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     return engine, args.name or source.name
 
 
-def run(args: argparse.Namespace) -> int:
-    from graftlm.server.app import create_app, serve
+def settings_from(args: argparse.Namespace, model_name: str) -> ServerSettings:
+    plain = list(args.api_key) + ([os.environ["GRAFTLM_API_KEY"]] if os.environ.get("GRAFTLM_API_KEY") else [])
+    keys = KeyRing.build(plain, args.keys)
+    check_host(args.host, keys, args.insecure)
+    return ServerSettings(
+        model_name,
+        keys=keys,
+        allow_runtime_loading=args.allow_runtime_loading,
+        adapter_root=args.adapter_root or args.adapters,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_choices=args.max_choices,
+    )
 
+
+def run(args: argparse.Namespace) -> int:
+    from graftlm.server.app import create_app
+    from graftlm.server.run import serve
+
+    settings_from(args, "")  # refuse bad access settings before the model loads
     engine, name = build_engine(args)
+    settings = settings_from(args, name)
     adapters = engine.cache.names()
-    log.info("serving %s with %d adapters on http://%s:%d/v1", name, len(adapters), args.host, args.port)
-    serve(engine, create_app(engine, name), args.host, args.port)
+    access = f"{len(settings.keys)} API keys" if settings.keys else "no API keys (loopback only)"
+    log.info("serving %s with %d adapters on http://%s:%d/v1, %s", name, len(adapters), args.host, args.port, access)
+    serve(engine, create_app(engine, settings), args.host, args.port)
     return 0

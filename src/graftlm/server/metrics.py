@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from graftlm.engine.scheduler import Engine
 
 ADAPTER_COUNTERS = (
@@ -21,10 +23,11 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(engine: Engine) -> str:
+def render_metrics(engine: Engine, shown: Callable[[str], bool] | None = None) -> str:
+    """Every counter; per-adapter ones only for the adapters `shown` accepts (None: all of them)."""
     lines: list[str] = []
     with engine.cache.lock:
-        stats = {name: vars(st).copy() for name, st in engine.cache.stats.items()}
+        stats = {name: vars(st).copy() for name, st in engine.cache.stats.items() if shown is None or shown(name)}
         resident = len(engine.cache.resident())
     for field, doc in ADAPTER_COUNTERS:
         metric = f"graftlm_adapter_{field}_total"

@@ -1,19 +1,34 @@
-"""Request bodies of the OpenAI-compatible API. Unknown fields are refused (400), not ignored."""
+"""Request bodies of the OpenAI-compatible API. Unknown fields are refused (400), not ignored; so are
+numbers outside what the engine accepts and strings that are not valid Unicode (lone surrogates)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from graftlm.engine.scheduler import MAX_ADAPTER_WEIGHT
+
+
+def _unicode(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (\\ud800-\\udfff): it is not valid Unicode") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Name = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_unicode)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AdapterWeight(Strict):
-    name: str
-    weight: float = 1.0
+    name: Name
+    weight: float = Field(default=1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
 
 
 class ResponseFormat(Strict):
@@ -27,17 +42,17 @@ class StreamOptions(Strict):
 class Sampling(Strict):
     """The fields both completion endpoints share."""
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
+    model: Name
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31)
+    temperature: float = Field(default=1.0, ge=0, le=2)  # under 1e-5 it is greedy (sampling.MIN_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)  # an extension, as in vLLM
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int = Field(default=0, ge=0, le=2**31)  # an extension, as in vLLM
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # 64 bits, signed or not
+    stop: Text | list[Text] | None = None
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=256), AfterValidator(_unicode)] | None = None  # logged, not trusted
     # graftlm: a weighted mix of adapters, instead of (or on top of) the one `model` names
     adapters: list[AdapterWeight] | None = None
 
@@ -52,8 +67,8 @@ class Sampling(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Name | None = None
 
 
 class ChatCompletionRequest(Sampling):
@@ -63,16 +78,16 @@ class ChatCompletionRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
 
 
 class LoadAdapterRequest(Strict):
-    lora_name: str
-    lora_path: str | None = None
+    lora_name: Name
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_unicode)] | None = None
     pin: bool = False
 
 
 class UnloadAdapterRequest(Strict):
-    lora_name: str
+    lora_name: Name
