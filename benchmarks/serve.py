@@ -36,8 +36,9 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from graftlm.engine.adapter_cache import Source
+from graftlm.engine.engine import Engine, EngineConfig
+from graftlm.engine.request import Output
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.scheduler import Engine, EngineConfig, Output
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import PEFT_PREFIX, module_path, projections
 from graftlm.lora.peft_io import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE

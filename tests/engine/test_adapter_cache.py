@@ -17,7 +17,7 @@ from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.peft_io import WEIGHTS_FILE, read_adapter, save_adapter
 from graftlm.lora.slots import AdapterSlots
 from graftlm.model.load_hf import load_checkpoint
-from tests.engine.test_scheduler import make_engine, offline
+from tests.engine.test_engine import make_engine, offline
 from tests.lora.helpers import random_adapter
 
 SMALL = LoraConfig(r=4, alpha=8)

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from graftlm.engine.adapter_finder import Source
+from graftlm.engine.engine import Engine, EngineConfig, EngineOverloadedError, NonFiniteOutputError
+from graftlm.engine.request import Output
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.scheduler import Engine, EngineConfig, EngineOverloadedError, NonFiniteOutputError, Output
 from graftlm.engine.sequence import Decoding
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.peft_io import save_adapter
 from graftlm.model.load_hf import load_checkpoint
-from tests.engine.test_scheduler import offline
+from tests.engine.test_engine import offline
 from tests.lora.helpers import random_adapter
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from graftlm.cli.main import main
-from graftlm.engine.scheduler import Engine, EngineConfig
+from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.model.load_hf import load_checkpoint
 from graftlm.pipeline.run import Pipeline, PipelineBusyError, run_lock
 from graftlm.pipeline.spec import load_spec

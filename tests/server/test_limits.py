@@ -18,7 +18,7 @@ from graftlm.lora.config import LoraConfig
 from graftlm.lora.peft_io import save_adapter
 from graftlm.server.auth import KeyRing
 from graftlm.server.settings import ServerSettings
-from tests.engine.test_scheduler import make_engine
+from tests.engine.test_engine import make_engine
 from tests.lora.helpers import random_adapter
 from tests.server.helpers import serving
 

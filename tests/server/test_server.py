@@ -18,7 +18,7 @@ from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.lora.merge import load_merged
 from graftlm.lora.peft_io import WEIGHTS_FILE, save_adapter
-from tests.engine.test_scheduler import make_engine
+from tests.engine.test_engine import make_engine
 from tests.lora.helpers import EIGHT, random_adapter
 from tests.server.helpers import serving
 

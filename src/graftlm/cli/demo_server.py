@@ -4,7 +4,6 @@ send it concurrent requests that name different adapters, through the official `
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from graftlm.engine.scheduler import Engine, EngineConfig
+from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.model import catalog
 
 console = Console(highlight=False)
@@ -43,20 +42,14 @@ def _requests(examples: Path, tasks: list[str], per_task: int) -> list[dict[str,
 
 def serve_part(model_name: str, examples: Path, adapters: Path, tasks: list[str], per_task: int = 3) -> None:
     import openai
-    import uvicorn
 
     from graftlm.server.app import create_app
+    from graftlm.server.run import free_port, http_server
 
     console.rule("serving: one base model, every adapter, one batch")
     model, tok, source = catalog.load(model_name)
     engine = Engine(model, tok, EngineConfig(max_batch=16, max_len=1024), adapters)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, source.name), port=port, log_config=None, log_level="warning")
-    )
-    threading.Thread(target=server.run, daemon=True).start()
+    port = free_port()
     reqs = _requests(examples, tasks, per_task)
     for r in reqs:
         r["model"] = r["model"] or source.name
@@ -66,8 +59,6 @@ def serve_part(model_name: str, examples: Path, adapters: Path, tasks: list[str]
 
     def client_side() -> None:  # the HTTP clients run on other threads; the engine keeps this one
         try:
-            while not server.started:
-                time.sleep(0.05)
             url = f"http://127.0.0.1:{port}/v1"
             client = openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
             console.print(f"server on {url}; models: {', '.join(m.id for m in client.models.list())}")
@@ -91,12 +82,12 @@ def serve_part(model_name: str, examples: Path, adapters: Path, tasks: list[str]
         finally:
             done.set()
 
-    threading.Thread(target=client_side, daemon=True).start()
-    try:
-        engine.run_forever(until=done.is_set)
-    finally:
-        server.should_exit = True
-        engine.stop()
+    with http_server(create_app(engine, source.name), "127.0.0.1", port):
+        threading.Thread(target=client_side, daemon=True).start()
+        try:
+            engine.run_forever(until=done.is_set)
+        finally:
+            engine.stop()
     if failed:
         raise failed[0]
     wall = results.pop()[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from graftlm.cli.options import DTYPES, add_model
 from graftlm.engine.adapter_finder import AdapterFinder
-from graftlm.engine.scheduler import Engine, EngineConfig
+from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.errors import GraftlmError
 from graftlm.model import catalog
 from graftlm.registry import Registry

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from graftlm.engine.scheduler import Engine
+from graftlm.engine.engine import Engine
 from graftlm.server import admin, completions, errors, listing
 from graftlm.server.limits import BodyLimit
 from graftlm.server.settings import ServerSettings

@@ -17,9 +17,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from graftlm.engine.adapter_finder import Source
+from graftlm.engine.request import Output
+from graftlm.engine.request import Request as EngineRequest
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.scheduler import Output
-from graftlm.engine.scheduler import Request as EngineRequest
 from graftlm.server.auth import Principal
 from graftlm.server.errors import ApiError, as_api_error
 from graftlm.server.schemas import ChatCompletionRequest, CompletionRequest, Sampling

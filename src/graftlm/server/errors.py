@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from graftlm.engine.adapter_finder import UnknownAdapterError
-from graftlm.engine.scheduler import EngineOverloadedError, TenantBusyError
+from graftlm.engine.engine import EngineOverloadedError, TenantBusyError
 from graftlm.errors import GraftlmError, PromptTooLongError
 from graftlm.lora.config import AdapterError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from graftlm.engine.scheduler import Engine
+from graftlm.engine.engine import Engine
 
 ADAPTER_COUNTERS = (
     ("requests", 'requests finished, by adapter ("" = base model)'),

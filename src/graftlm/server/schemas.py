@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from graftlm.engine.scheduler import MAX_ADAPTER_WEIGHT
+from graftlm.engine.engine import MAX_ADAPTER_WEIGHT
 
 
 def _unicode(s: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from graftlm.engine.adapter_finder import Source, UnknownAdapterError
-from graftlm.engine.scheduler import Engine
+from graftlm.engine.engine import Engine
 from graftlm.server.auth import ANONYMOUS, Principal
 from graftlm.server.errors import ApiError, not_found
 from graftlm.server.schemas import Sampling

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.engine.generate import Generator
+from graftlm.engine.request import Output
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.scheduler import Engine, EngineConfig, Output
 from graftlm.errors import PromptTooLongError
 from graftlm.lora.merge import load_merged
 from graftlm.lora.peft_io import save_adapter

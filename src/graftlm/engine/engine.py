@@ -1,0 +1,390 @@
+"""The serving engine: continuous batching, each row with its own adapter (or weighted mix of adapters)
+and sampling settings, requests joining and leaving the batch at every step.
+
+One engine thread owns the model. Each iteration it drops cancelled requests, admits waiting ones whose
+adapters are resident (`Scheduler`; a cold adapter loads on the cache's loader thread meanwhile, and
+requests behind it go ahead), runs one decode step and one bounded prefill (`ModelRunner`), and settles
+the outputs: chooses each row's token, streams it to the request's sink, finishes requests.
+
+One request cannot hurt another: its settings are checked before it is queued; a row whose output is
+not finite is failed alone (a packed prefill retries its prompts one by one to find it) and its KV row
+is zeroed, so the stale positions a later request's mask hides are always finite and weigh exactly 0;
+an error choosing one row's token or readying one request fails that request only; and tenants take
+turns for rows (`graftlm.engine.admission`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graftlm.engine.adapter_cache import AdapterCache
+from graftlm.engine.adapter_finder import AdapterFinder, Source
+from graftlm.engine.admission import Placed
+from graftlm.engine.json_mode import JsonConstraint, JsonVocab
+from graftlm.engine.kv_cache import RowKVCache
+from graftlm.engine.request import Output, Request
+from graftlm.engine.runner import ModelRunner, finite_rows
+from graftlm.engine.sampling import SamplingParams
+from graftlm.engine.scheduler import Scheduler
+from graftlm.engine.sequence import Decoding, check_prompt
+from graftlm.errors import GraftlmError
+from graftlm.lora.config import AdapterError
+from graftlm.lora.slots import AdapterSlots
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_ADAPTER_WEIGHT = 10.0  # |weight| of one adapter in a mix
+
+
+class EngineOverloadedError(GraftlmError):
+    """More requests are waiting than the engine accepts (`max_waiting`, `max_queued_per_tenant`)."""
+
+
+class TenantBusyError(EngineOverloadedError):
+    """One tenant has `max_queued_per_tenant` requests in the engine already."""
+
+
+class NonFiniteOutputError(GraftlmError):
+    """A request's forward gave NaN or infinite logits (its adapter or mix is broken); it alone fails."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32  # rows decoded together (and KV rows allocated)
+    max_len: int = 2048  # positions per row: prompt + output (cut to the model's context window)
+    prefill_tokens: int = 256  # tokens per prefill forward: bounds how long newcomers stall running rows
+    adapter_cache_mb: float = 1024.0  # adapter slots, in MB
+    max_rank: int = 16  # the largest adapter rank the slots hold
+    adapter_dtype: str = "bfloat16"  # how slots hold adapters: bfloat16 (as stored) or float32
+    max_waiting: int = 10_000  # queued requests beyond this are refused
+    max_queued_per_tenant: int = 4096  # one tenant's requests in the engine (waiting or running)
+    strategy: str = "auto"  # how rows with different adapters are computed (see lora.batched)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        config: EngineConfig = EngineConfig(),
+        adapters: AdapterFinder | Path | None = None,
+        force: bool = False,
+    ):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = model.device
+        self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
+        self.max_len = min(config.max_len, model.config.max_position_embeddings)
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.adapter_dtype]
+        n_slots = max(1, int(config.adapter_cache_mb * 2**20 // AdapterSlots.slot_bytes(model, config.max_rank, dtype)))
+        self.slots = AdapterSlots(model, n_slots, config.max_rank, dtype)
+        self.cache = AdapterCache(self.slots, adapters, force)
+        self.cache.on_change = self._wake
+        self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.dtype, self.device)
+        self.scheduler = Scheduler(self.kv, config.max_batch, config.prefill_tokens)
+        self.runner = ModelRunner(model, self.kv, config.strategy)
+        self._incoming: deque[Request] = deque()
+        self._open: Counter[str] = Counter()  # requests submitted and not finished, by tenant (under _cond)
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._json: JsonVocab | None = None
+        # what happened and where the time went (also exported by /metrics)
+        self.steps = self.tokens_generated = self.step_errors = self.peak_batch = 0
+        self.decode_seconds = self.prefill_seconds = 0.0
+        self.decode_steps = self.decode_rows = self.prefill_tokens = 0
+        log.info(
+            "engine: %d rows x %d positions (KV %.0f MB), %d adapter slots of rank <= %d (%.0f MB)",
+            config.max_batch,
+            self.max_len,
+            self.kv.nbytes / 2**20,
+            n_slots,
+            config.max_rank,
+            self.slots.nbytes / 2**20,
+        )
+
+    # ---- the callers' side (any thread) --------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        adapters: Sequence[tuple[Source, float]] = (),
+        sink: Callable[[Output], None] | None = None,
+        json_mode: bool = False,
+        tenant: str = "",
+    ) -> Request:
+        """Queue a request; its outputs go to `sink` (called on the engine thread), see `run`.
+
+        json_mode: constrain the output to a valid JSON object (see `graftlm.engine.json_mode`).
+        tenant: who asks; tenants share the rows fairly (see `graftlm.engine.admission`).
+        """
+        check_prompt(prompt, self.max_len, "this server's context")
+        for src, w in adapters:
+            if not (math.isfinite(w) and abs(w) <= MAX_ADAPTER_WEIGHT):
+                raise ValueError(
+                    f"adapter {src.key} has weight {w}: a weight is a finite number within ±{MAX_ADAPTER_WEIGHT:g}"
+                )
+        req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), json_mode=json_mode)
+        req.tenant = tenant
+        with self._cond:
+            if self.queue_depth >= self.config.max_waiting:
+                raise EngineOverloadedError(f"{self.config.max_waiting} requests are already waiting; try again later")
+            if self._open[tenant] >= self.config.max_queued_per_tenant:
+                raise TenantBusyError(
+                    f"{self.config.max_queued_per_tenant} of your requests are already queued or running; "
+                    "try again later"
+                )
+            self._open[tenant] += 1
+            self._incoming.append(req)
+            self._cond.notify()
+        return req
+
+    def run(
+        self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[tuple[Source, float]] = ()
+    ) -> Iterator[Output]:
+        """Submit and yield the request's outputs as they come (blocking; for offline use and tests)."""
+        q: queue.Queue[Output] = queue.Queue()
+        req = self.submit(prompt, params, adapters, q.put)
+        try:
+            while True:
+                out = q.get()
+                yield out
+                if out.finish_reason is not None or out.error is not None:
+                    return
+        finally:
+            req.cancel()
+
+    def start(self) -> Engine:
+        """Run the engine loop on a background thread (convenient; see `run_forever` for speed)."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self.run_forever, name="graftlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def run_forever(self, until: Callable[[], bool] | None = None) -> None:
+        """Run the engine loop on the calling thread until `stop()` or `until()` is true.
+
+        Prefer the thread that loaded the model (the main thread): libgomp keeps one pool of worker
+        threads per thread that runs parallel torch ops, and with two pools on a 2-core machine it stops
+        spin-waiting between ops, which made every decode step about 30% slower here.
+        """
+        try:
+            while not (until is not None and until()):
+                with self._cond:
+                    if self._stop:
+                        break
+                    self._take_incoming()
+                    if not (self.scheduler.running or self.scheduler.has_room()):
+                        self._cond.wait(timeout=0.05)
+                        continue
+                try:
+                    if not self._iterate():
+                        with self._cond:  # only requests waiting for adapter loads: sleep until one lands
+                            self._cond.wait(timeout=0.01)
+                except Exception as e:  # a bug must fail the running requests, not the server
+                    log.exception("engine step failed")
+                    self.step_errors += 1
+                    for req in self.scheduler.running:
+                        self._finish(req, error=e)
+        finally:
+            with self._cond:
+                self._take_incoming()
+            for req in self.scheduler.take_all():
+                self._finish(req, error=GraftlmError("the server is shutting down"))
+
+    def stop(self) -> None:
+        """Stop the loop (wherever it runs) and the adapter loader; requests still running fail."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+            self._thread = None
+        self.cache.close()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a row (read from any thread: counters, not the queues)."""
+        return max(0, self._open.total() - len(self.decoding) - len(self.prefilling))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.scheduler.decoding)
+
+    @property
+    def decoding(self) -> list[Request]:
+        return self.scheduler.decoding
+
+    @property
+    def prefilling(self) -> list[Request]:
+        return self.scheduler.prefilling
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _take_incoming(self) -> None:
+        while self._incoming:
+            self.scheduler.waiting.push(self._incoming.popleft())
+
+    def _iterate(self) -> bool:
+        """One engine step; False when there was nothing to run."""
+        for req in self.scheduler.take_cancelled():
+            self._finish(req, reason="cancelled")
+        self.scheduler.admit(self._place)
+        if not self.scheduler.running:
+            return False
+        with torch.inference_mode():
+            if self.decoding:
+                t0 = time.perf_counter()
+                reqs = list(self.decoding)
+                self.peak_batch = max(self.peak_batch, len(reqs))
+                self.decode_rows += len(reqs)
+                self.decode_steps += 1
+                self._settle(reqs, self.runner.decode(reqs))
+                self.decode_seconds += time.perf_counter() - t0
+            if self.prefilling:
+                t0 = time.perf_counter()
+                step = self.scheduler.next_prefill()
+                self.prefill_tokens += step.length if not step.packed else sum(len(r.prompt) for r in step.reqs)
+                logits = self.runner.prefill(step)
+                if logits is not None:
+                    self._settle_prefill(step.reqs, step.packed, logits)
+                self.prefill_seconds += time.perf_counter() - t0
+        self.steps += 1
+        return True
+
+    def _place(self, req: Request) -> Placed:
+        """Ready `req` to take a row if its adapters are resident; a request that cannot run fails alone."""
+        try:
+            entries = self.cache.try_acquire([s for s, _ in req.adapters], first_try=not req.tried)
+        except Exception as e:
+            self._finish(req, error=e)
+            return "gone"
+        req.tried = True
+        if entries is None:
+            return "wait"  # its adapter is loading; later requests may go ahead
+        req.entries = entries
+        try:
+            if len(entries) > 1 and any(e.use_dora for e in entries):
+                names = ", ".join(e.source.key for e in entries if e.use_dora)
+                raise AdapterError(f"DoRA adapters ({names}) cannot be combined with others")
+            budget = min(req.params.max_new_tokens, self.max_len - len(req.prompt))
+            constraint = JsonConstraint(self._json_vocab()) if req.json_mode else None
+            req.decoding = Decoding(req.params, self.tokenizer, self.stop_ids, budget, self.device, constraint)
+        except Exception as e:
+            self._finish(req, error=e)  # releases its adapters
+            return "gone"
+        return "admitted"
+
+    def _json_vocab(self) -> JsonVocab:
+        if self._json is None:
+            self._json = JsonVocab(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+        return self._json
+
+    def _settle(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Rows with finite logits choose their next token; the others fail alone."""
+        ok = finite_rows(logits)
+        if not all(ok):
+            for r, fine in zip(reqs, ok, strict=True):
+                if not fine:
+                    self._fail_non_finite(r)
+            self.scheduler.pack()
+            keep = [i for i, fine in enumerate(ok) if fine]
+            reqs, logits = [reqs[i] for i in keep], logits[keep]
+        self._choose(reqs, logits)
+
+    def _settle_prefill(self, reqs: list[Request], packed: bool, logits: torch.Tensor) -> None:
+        ok = finite_rows(logits)
+        if not all(ok):
+            for r, fine in zip(reqs, ok, strict=True):
+                if fine:
+                    continue
+                if packed and len(reqs) > 1:  # NaN in one prompt's keys reaches every prompt packed with it
+                    self.scheduler.set_back(r)
+                else:
+                    self._fail_non_finite(r)
+            keep = [i for i, fine in enumerate(ok) if fine]
+            reqs, logits = [reqs[i] for i in keep], logits[keep]
+        self.scheduler.prefilled(reqs)
+        if reqs:
+            self._choose(reqs, logits)
+
+    def _fail_non_finite(self, req: Request) -> None:
+        """Fail a row whose output was NaN or infinite, zeroing its KV first: stale positions of a row are
+        hidden by later requests' masks, and a masked 0 times NaN would still be NaN."""
+        self.kv.clear(req.row, req.filled)
+        message = (
+            "the model's output for this request is not finite (NaN or infinity): its adapter or mix is broken; "
+            "other requests are unaffected"
+        )
+        self._finish(req, error=NonFiniteOutputError(message))
+
+    def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
+        greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]
+        picks = logits.argmax(-1).tolist() if any(greedy) else []
+        finished = False
+        for i, r in enumerate(reqs):
+            try:
+                tok = picks[i] if greedy[i] else r.decoding.choose(logits[i])
+                got = r.decoding.accept(tok)
+            except Exception as e:  # this row's settings or text: fail it alone
+                log.warning("request failed choosing its token: %s", e)
+                self._finish(r, error=e)
+                finished = True
+                continue
+            r.last_token = tok
+            r.token_ids.append(tok)
+            self.tokens_generated += 1
+            if got.finish_reason is None:
+                r.sink(Output(tok, got.delta))
+            else:
+                self._finish(r, reason=got.finish_reason, token=tok, delta=got.delta)
+                finished = True
+        if finished:
+            self.scheduler.pack()
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str | None = None,
+        error: Exception | None = None,
+        token: int | None = None,
+        delta: str = "",
+    ) -> None:
+        """Settle a request: its counters, its adapters released, its row given up, its last event sent."""
+        if req.done:
+            return
+        req.finished_at = time.monotonic()
+        with self._cond:
+            self._open[req.tenant] -= 1
+            if self._open[req.tenant] <= 0:
+                del self._open[req.tenant]
+        for name in [s.name for s, _ in req.adapters] or [""]:
+            st = self.cache.stat(name)
+            st.requests += 1
+            st.prompt_tokens += len(req.prompt)
+            st.completion_tokens += len(req.token_ids)
+        if req.entries:
+            self.cache.release(req.entries)
+            req.entries = []
+        self.scheduler.remove(req)
+        if reason == "stop" and token in self.stop_ids and req.token_ids and req.token_ids[-1] == token:
+            req.token_ids.pop()  # the EOS token is not part of the answer
+        try:
+            req.sink(Output(token, delta, reason, error))
+        except Exception:  # a sink that fails (client gone) must not stop the engine
+            log.exception("delivering the end of a request")
