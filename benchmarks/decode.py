@@ -26,7 +26,8 @@ from rich.table import Table
 from graftlm.engine.generate import Generator
 from graftlm.engine.kv_cache import KVCache
 from graftlm.engine.sampling import SamplingParams
-from graftlm.model import catalog, linear
+from graftlm.loading import catalog
+from graftlm.model import linear
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

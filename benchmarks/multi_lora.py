@@ -24,13 +24,13 @@ from rich.console import Console
 from rich.table import Table
 
 from graftlm.engine.kv_cache import KVCache
+from graftlm.loading import catalog
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.batched import AdapterBatch
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import add_lora, lora_layers, lora_state_dict
 from graftlm.lora.peft_io import read_adapter, save_adapter
 from graftlm.lora.slots import AdapterSlots
-from graftlm.model import catalog
-from graftlm.model.load_hf import load_checkpoint
 
 CONTEXT = 128
 

@@ -80,7 +80,7 @@ def measure(model_name: str, tokens: int, task_limit: int, adapter: str | None =
     from graftlm.engine.sampling import SamplingParams
     from graftlm.eval.perplexity import perplexity
     from graftlm.eval.runner import evaluate
-    from graftlm.model import catalog
+    from graftlm.loading import catalog
 
     model, tok, source = catalog.load(model_name)
     if adapter:  # the recovery adapter stays a LoRA layer over the palettized weights (not merged)
@@ -118,7 +118,7 @@ CALIBRATION_EVERY = 6  # every 6th training input: ~33k tokens, the size of 128 
 
 def measure_gguf(path: Path, model_name: str, tokens: int, threads: int) -> dict[str, float]:
     """A llama.cpp file on the same held-out tokens as `measure` (run by the parent through `--measure-gguf`)."""
-    from graftlm.model import catalog
+    from graftlm.loading import catalog
 
     tok = Tokenizer.from_dir(catalog.resolve(model_name).checkpoint)
     out = llama_cpp_peer.measure(path, held_out_chunks(tok, tokens), decode_prompt(tok), threads)
@@ -127,7 +127,7 @@ def measure_gguf(path: Path, model_name: str, tokens: int, threads: int) -> dict
 
 def llama_cpp_rows(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The peer's rows, each file measured in its own process; none without llama-cpp-python or a GGUF source."""
-    from graftlm.model import catalog
+    from graftlm.loading import catalog
 
     origin = catalog.resolve(args.model).origin
     if not llama_cpp_peer.available() or origin.suffix != ".gguf":
@@ -169,8 +169,11 @@ def build(model: str, work: Path, label: str, bits: str, choices: str, calib: Pa
     record = json.loads(layout.read_text()) if layout.exists() else {}
     made_from = str(calib) in record.get("calibration", "") and layout.stat().st_mtime > calib.stat().st_mtime
     if not made_from:  # missing, or built from other (or older) calibration text
-        cmd = [sys.executable, "-m", "graftlm.cli.main", "palettize", model, "--out", str(out), "--bits", bits]
-        subprocess.run([*cmd, "--choices", choices, "--calib", str(calib)], check=True)
+        from graftlm.quant.palettize import PalettizeConfig, widths
+        from graftlm.recipes.palettize import Calibration, palettize_checkpoint
+
+        config = PalettizeConfig(bits=float(bits), choices=widths(choices))
+        palettize_checkpoint(model, out, config, Calibration(files=(calib,)))
     return out
 
 
@@ -180,8 +183,9 @@ def recovery(model: str, student: str, work: Path, data: Path) -> Path:
     if weights.exists() and weights.stat().st_mtime < (Path(student) / "palettization.json").stat().st_mtime:
         weights.unlink()  # made for an older build of the student
     if not weights.exists():
-        cmd = [sys.executable, "-m", "graftlm.cli.main", "recover", "--teacher", model, "--student", student]
-        subprocess.run([*cmd, "--data", str(data), "--out", str(out)], check=True)
+        from graftlm.recipes.recover import RecoverConfig, train_recovery_adapter
+
+        train_recovery_adapter(model, student, out, RecoverConfig(data=(data,)))
     return out
 
 
@@ -218,8 +222,8 @@ def task_score(model_name: str, adapter: str, task: str) -> float:
     """One task's score on its whole test split, the adapter applied unmerged (run through `--score`)."""
     from graftlm.engine.generate import Generator
     from graftlm.eval.runner import evaluate
+    from graftlm.loading import catalog
     from graftlm.lora.peft_io import apply_adapter, read_adapter
-    from graftlm.model import catalog
 
     model, tok, _ = catalog.load(model_name)
     apply_adapter(model, read_adapter(Path(adapter)))
@@ -229,7 +233,7 @@ def task_score(model_name: str, adapter: str, task: str) -> float:
 
 
 def task_adapter_table(args: argparse.Namespace, mix: str, recovered: Path) -> None:
-    from graftlm.model import catalog
+    from graftlm.loading import catalog
 
     table = Table(title="task adapters: trained on the uncompressed model vs on the 3.5-bit mix from its recovery")
     for col in ("task", "metric", "float32 + adapter", "3.5-bit mix + adapter", "ratio", "training s (mix)"):

@@ -39,12 +39,13 @@ from graftlm.engine.adapter_cache import Source
 from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.engine.request import Output
 from graftlm.engine.sampling import SamplingParams
+from graftlm.loading import catalog
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import LoraConfig
-from graftlm.lora.model import PEFT_PREFIX, module_path, projections
+from graftlm.lora.model import PEFT_PREFIX
 from graftlm.lora.peft_io import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE
 from graftlm.lora.slots import AdapterSlots
-from graftlm.model import catalog
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.model.modules import module_path, projections
 
 console = Console(soft_wrap=True)
 

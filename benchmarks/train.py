@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from graftlm.model import catalog
+from graftlm.loading import catalog
 from graftlm.model.tokenizer import Tokenizer
 from graftlm.train.data import Batch, bucketed_batches, collate, load_examples
 

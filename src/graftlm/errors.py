@@ -5,6 +5,10 @@ class GraftlmError(Exception):
     """Base class for every error caused by the user's input rather than by a bug."""
 
 
+class ConfigError(GraftlmError, ValueError):
+    """A setting or argument outside what it may be (a ValueError too, as Python's own checks raise)."""
+
+
 class UnknownModelError(GraftlmError):
     """A model name that is neither in the catalog nor an existing path."""
 

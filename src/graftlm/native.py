@@ -1,7 +1,7 @@
 """Small C kernels compiled on first use with the system compiler and loaded through ctypes.
 
 Each kernel is built once per source, flags and compiler version into graftlm's cache
-(`kernels/NAME-HASH.so`). Without a compiler, after a failed build, or with GRAFTLM_NO_KERNEL=1,
+(`kernels/NAME-HASH.so`). Without a compiler, after a failed build, or with GRAFTLM_KERNEL=never,
 `compile_library` returns None and callers use their PyTorch path. Where a kernel is not faster
 everywhere, `FasterPath` times it against the PyTorch path on this host and keeps the faster one.
 """
@@ -22,6 +22,9 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import TypeVar
 
+from graftlm.errors import ConfigError
+from graftlm.paths import cache_root
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -33,14 +36,12 @@ CFLAGS += ["-shared", "-fPIC", "-std=c11"]
 
 def compile_library(name: str, source: str) -> ctypes.CDLL | None:
     """The shared library built from `source` (cached), or None when no kernel can be had."""
-    if os.environ.get("GRAFTLM_NO_KERNEL"):
+    if kernel_setting() is False:
         return None
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         log.warning("no C compiler found: the %s kernel is replaced by a slower PyTorch path", name)
         return None
-    from graftlm.model.catalog import cache_root
-
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256((source + " ".join(CFLAGS) + version).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"{name}-{key}.so"
@@ -58,10 +59,11 @@ def compile_library(name: str, source: str) -> ctypes.CDLL | None:
 
 
 def kernel_setting() -> bool | None:
-    """GRAFTLM_KERNEL: True (always the kernel), False (never) or None (auto: time both paths)."""
+    """GRAFTLM_KERNEL, the one switch for every kernel: True (`always` the kernel where one was built),
+    False (`never`: none is even compiled) or None (`auto`, the default: time both paths where it matters)."""
     force = os.environ.get("GRAFTLM_KERNEL", "auto")
     if force not in ("auto", "always", "never"):
-        raise ValueError(f"GRAFTLM_KERNEL must be auto, always or never, not {force!r}")
+        raise ConfigError(f"GRAFTLM_KERNEL must be auto, always or never, not {force!r}")
     return None if force == "auto" else force == "always"
 
 

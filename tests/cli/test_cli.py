@@ -98,7 +98,7 @@ def test_chat_drops_the_oldest_turns_to_fit(tiny_dir: Path) -> None:
     from graftlm.cli.chat import fit
     from graftlm.engine.generate import Generator
     from graftlm.errors import GraftlmError
-    from graftlm.model.load_hf import load_checkpoint
+    from graftlm.loading.checkpoint import load_checkpoint
 
     gen = Generator(*load_checkpoint(tiny_dir))
     turn = "The quick brown fox jumps over the lazy dog."
@@ -115,8 +115,8 @@ def test_chat_drops_the_oldest_turns_to_fit(tiny_dir: Path) -> None:
 
 
 def test_train_writes_a_peft_adapter_with_its_record(tiny_dir: Path, tmp_path: Path) -> None:
+    from graftlm.loading.checkpoint import load_checkpoint
     from graftlm.lora.peft_io import read_adapter
-    from graftlm.model.load_hf import load_checkpoint
 
     data = tmp_path / "train.jsonl"
     data.write_text(
@@ -182,8 +182,8 @@ def test_generate_with_an_adapter_answers_as_the_merged_model(
 
     from graftlm.engine.generate import Generator
     from graftlm.engine.sampling import SamplingParams
+    from graftlm.loading.merged import load_merged
     from graftlm.lora.config import LoraConfig
-    from graftlm.lora.merge import load_merged
     from graftlm.lora.peft_io import save_adapter
     from tests.lora.helpers import random_adapter
 

@@ -13,10 +13,10 @@ import pytest
 
 from graftlm.engine.adapter_cache import AdapterCache, Entry, UnknownAdapterError
 from graftlm.engine.sampling import SamplingParams
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.peft_io import WEIGHTS_FILE, read_adapter, save_adapter
 from graftlm.lora.slots import AdapterSlots
-from graftlm.model.load_hf import load_checkpoint
 from tests.engine.test_engine import make_engine, offline
 from tests.lora.helpers import random_adapter
 

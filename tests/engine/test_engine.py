@@ -16,9 +16,9 @@ from graftlm.engine.generate import Generator
 from graftlm.engine.request import Output
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import PromptTooLongError
-from graftlm.lora.merge import load_merged
+from graftlm.loading.checkpoint import load_checkpoint
+from graftlm.loading.merged import load_merged
 from graftlm.lora.peft_io import save_adapter
-from graftlm.model.load_hf import load_checkpoint
 from tests.lora.helpers import EIGHT, random_adapter
 
 

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import PromptTooLongError
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
 from tests.conftest import hf_greedy
 
 PROMPTS = [

@@ -16,9 +16,9 @@ from graftlm.engine.engine import Engine, EngineConfig, EngineOverloadedError, N
 from graftlm.engine.request import Output
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.sequence import Decoding
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.peft_io import save_adapter
-from graftlm.model.load_hf import load_checkpoint
 from tests.engine.test_engine import offline
 from tests.lora.helpers import random_adapter
 

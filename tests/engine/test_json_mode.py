@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from graftlm.engine.json_mode import DONE, START, JsonConstraint, JsonVocab, step
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
 
 VALID = [
     "{}",

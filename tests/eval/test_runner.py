@@ -10,7 +10,7 @@ import pytest
 from graftlm.cli.main import main
 from graftlm.engine.generate import Generator
 from graftlm.eval.runner import Task, evaluate
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
 
 
 def _task_dir(tmp_path: Path, metric: str) -> Path:

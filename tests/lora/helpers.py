@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import add_lora, lora_layers, lora_state_dict
 from graftlm.lora.peft_io import Adapter
-from graftlm.model.load_hf import load_checkpoint
 
 # Eight adapters that differ in rank, targets, layers, scaling and DoRA.
 EIGHT = [

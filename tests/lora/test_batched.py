@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.batched import AdapterBatch
 from graftlm.lora.config import AdapterError
 from graftlm.lora.model import merge_lora
 from graftlm.lora.peft_io import apply_adapter
 from graftlm.lora.slots import AdapterSlots
-from graftlm.model.load_hf import load_checkpoint
 from tests.lora.helpers import EIGHT, random_adapter
 
 
@@ -138,13 +138,13 @@ def test_kernel_is_built_here_and_bf16_slots_are_exact_for_bf16_adapters(tiny_di
 def test_without_a_compiler_auto_falls_back_to_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
     from graftlm.lora import bgmv
 
-    monkeypatch.setenv("GRAFTLM_NO_KERNEL", "1")
+    monkeypatch.setenv("GRAFTLM_KERNEL", "never")
     bgmv.kernel.cache_clear()
     try:
         assert AdapterBatch.of([0, 1, 2]).strategy == "gather"
         assert AdapterBatch.of([0, 1, 2], "kernel").strategy == "gather"
     finally:
-        monkeypatch.delenv("GRAFTLM_NO_KERNEL")
+        monkeypatch.delenv("GRAFTLM_KERNEL")
         bgmv.kernel.cache_clear()
     assert AdapterBatch.of([0, 1, 2]).strategy == "kernel"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.peft_io import WEIGHTS_FILE, apply_adapter, read_adapter, save_adapter
-from graftlm.model.load_hf import load_checkpoint
 from tests.conftest import write_tiny_checkpoint
 from tests.lora.helpers import random_adapter
 

@@ -10,10 +10,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import add_lora, lora_layers, lora_state_dict
 from graftlm.lora.peft_io import apply_adapter, read_adapter, save_adapter
-from graftlm.model.load_hf import load_checkpoint
 
 CASES = {
     "all-projections": LoraConfig(r=8, alpha=16),

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from graftlm.engine.kv_cache import KVCache
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
 from tests.conftest import write_tiny_checkpoint
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from graftlm.errors import CorruptModelError, UnsupportedModelError
-from graftlm.model.load_hf import hf_state_dict, load_checkpoint, save_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
+from graftlm.model.load_hf import hf_state_dict, save_checkpoint
 from tests.conftest import write_tiny_checkpoint
 
 

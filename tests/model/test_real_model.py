@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
-from graftlm.model import catalog
+from graftlm.loading import catalog
 from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow

@@ -12,12 +12,12 @@ import pytest
 
 from graftlm.cli.main import main
 from graftlm.engine.engine import Engine, EngineConfig
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.engine.registry_finder import RegistryFinder
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.pipeline.run import Pipeline, PipelineBusyError, run_lock
 from graftlm.pipeline.spec import load_spec
 from graftlm.pipeline.worker import DataWatcher, Worker, queue_of, targets_for_path
 from graftlm.registry import Registry
-from graftlm.registry.serving import RegistryFinder
 from tests.conftest import write_tiny_checkpoint
 from tests.server.helpers import serving
 

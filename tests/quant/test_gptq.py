@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from graftlm.quant.gptq import DAMP, output_error, refine, row_values
+from graftlm.quant.gptq import DAMP, refine, row_values
 from graftlm.quant.palette import Palette
+from tests.quant.helpers import output_error
 
 
 def reference_gptq(p: Palette, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,14 @@ import torch
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
+from graftlm.loading.checkpoint import load_checkpoint
+from graftlm.loading.palettized import read_layout, save_palettized
 from graftlm.lora.batched import AdapterBatch
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.peft_io import apply_adapter
 from graftlm.lora.slots import AdapterSlots
 from graftlm.model.llama import Llama
-from graftlm.model.load_hf import load_checkpoint
 from graftlm.quant import lut
-from graftlm.quant.checkpoint import read_layout, save_palettized
 from graftlm.quant.linear import PalettizedEmbedding, PalettizedLinear
 from graftlm.quant.model import apply_palettes, dense_weights
 from graftlm.quant.palette import Palette

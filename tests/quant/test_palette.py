@@ -61,7 +61,7 @@ def test_more_bits_give_less_error() -> None:
 
 
 def test_input_scales_are_looked_up_and_spend_the_table_on_the_columns_that_matter() -> None:
-    from graftlm.quant.gptq import output_error
+    from tests.quant.helpers import output_error
 
     g = torch.Generator().manual_seed(2)
     w = torch.randn(32, 64, generator=g)

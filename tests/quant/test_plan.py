@@ -8,12 +8,12 @@ import torch
 
 from graftlm.cli.main import main
 from graftlm.eval.perplexity import text_chunks
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.quant.model import palettized_modules
 from graftlm.quant.palettize import PalettizeConfig, PalettizeError, palettize
 from graftlm.quant.plan import Option, allocate
 from graftlm.quant.sensitivity import CalibrationError, Sensitivity, measure
-from graftlm.quant.tune import TUNE_SAMPLES, TUNE_STEPS
+from graftlm.recipes.tune import TUNE_SAMPLES, TUNE_STEPS
 from tests.conftest import CORPUS
 
 

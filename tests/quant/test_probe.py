@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from graftlm.eval.perplexity import text_chunks
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.model.llama import Llama
-from graftlm.model.load_hf import load_checkpoint
 from graftlm.quant.model import palettized_modules
 from graftlm.quant.palettize import PalettizeConfig, _calibrate, palettize
 from graftlm.quant.plan import Option

@@ -169,7 +169,7 @@ def test_a_file_where_another_needs_a_folder_is_refused(setup: tuple[Registry, P
 
 
 def test_relpath_accepts_ordinary_paths() -> None:
-    from graftlm.registry.records import check_relpath  # here: the module's other tests run on older code too
+    from graftlm.registry.records import check_relpath
 
     for rel in ("adapter_config.json", "sub/dir/file.bin", "a-b_c.d/e f", "é/ü.json"):
         assert check_relpath(rel) == rel
@@ -241,7 +241,7 @@ def test_checkout_rechecks_rows_from_an_old_index(tmp_path: Path, monkeypatch: p
     assert list(tmp_path.rglob("*escaped*")) == []
     assert [p.name for p in (reg.trees / "s").iterdir()] == []  # no folder, no leftovers
     from graftlm.engine.adapter_finder import UnknownAdapterError
-    from graftlm.registry.serving import RegistryFinder
+    from graftlm.engine.registry_finder import RegistryFinder
 
     with pytest.raises(UnknownAdapterError, match="s@2 cannot be served"):  # what a request for it gets
         RegistryFinder(reg).resolve("s@2")

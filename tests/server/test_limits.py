@@ -42,7 +42,7 @@ def root(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, root: Path) -> Iterator[str]:
     engine = make_engine(tiny_dir, root, max_batch=8, max_len=128, prefill_tokens=64)
-    with serving(engine, ServerSettings(BASE, max_body_bytes=2**20)) as url:
+    with serving(engine, ServerSettings(BASE, max_body_mb=1.0)) as url:
         yield url
 
 
@@ -178,8 +178,8 @@ def test_nan_weights_and_a_nan_adapter_beside_a_base_request(server: str) -> Non
 
 
 def test_every_slot_pinned_fails_other_adapters_at_once(tiny_dir: Path, root: Path) -> None:
+    from graftlm.loading.checkpoint import load_checkpoint
     from graftlm.lora.slots import AdapterSlots
-    from graftlm.model.load_hf import load_checkpoint
 
     model, _ = load_checkpoint(tiny_dir)
     mb = 2 * AdapterSlots.slot_bytes(model, 16, torch.bfloat16) / 2**20 + 1e-3  # two slots

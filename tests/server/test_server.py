@@ -16,7 +16,7 @@ import pytest
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
-from graftlm.lora.merge import load_merged
+from graftlm.loading.merged import load_merged
 from graftlm.lora.peft_io import WEIGHTS_FILE, save_adapter
 from tests.engine.test_engine import make_engine
 from tests.lora.helpers import EIGHT, random_adapter

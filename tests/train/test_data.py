@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from graftlm.model.load_hf import load_checkpoint
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.model.tokenizer import Tokenizer
 from graftlm.train.data import DataError, bucketed_batches, load_examples
 

@@ -7,9 +7,9 @@ import torch
 
 from graftlm.cli.main import main
 from graftlm.eval.perplexity import text_chunks
+from graftlm.loading.checkpoint import load_checkpoint
+from graftlm.loading.palettized import save_palettized
 from graftlm.lora.peft_io import apply_adapter, read_adapter
-from graftlm.model.load_hf import load_checkpoint
-from graftlm.quant.checkpoint import save_palettized
 from graftlm.quant.palettize import PalettizeConfig, palettize
 from graftlm.train.data import collate
 from graftlm.train.distill import as_examples, kl_loss

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.peft_io import Adapter, apply_adapter
-from graftlm.model.load_hf import load_checkpoint
 from graftlm.train.eora import error_init, low_rank_error
 from graftlm.train.synthetic import self_generated
 from tests.conftest import write_tiny_checkpoint

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import add_lora, lora_layers
-from graftlm.model.load_hf import load_checkpoint
 from graftlm.train import losses
 from graftlm.train.data import Batch
 

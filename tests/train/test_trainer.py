@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
-from graftlm.model.load_hf import load_checkpoint
 from graftlm.train.data import collate, load_examples
 from graftlm.train.losses import completion_loss
 from graftlm.train.trainer import TrainConfig, Trainer, evaluate_loss, lr_factor

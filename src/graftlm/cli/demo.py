@@ -17,9 +17,9 @@ from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.eval.runner import Task, evaluate
 from graftlm.fileio import file_sha256
+from graftlm.loading import catalog
+from graftlm.loading.merged import load_merged
 from graftlm.lora.config import LoraConfig
-from graftlm.lora.merge import load_merged
-from graftlm.model import catalog
 from graftlm.train.sft import RECORD_FILE, DataSpec, train_adapter
 from graftlm.train.trainer import TrainConfig
 

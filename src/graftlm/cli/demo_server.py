@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graftlm.engine.engine import Engine, EngineConfig
-from graftlm.model import catalog
+from graftlm.loading import catalog
 
 console = Console(highlight=False)
 

@@ -13,7 +13,7 @@ from graftlm.engine.generate import Generator
 from graftlm.errors import GraftlmError
 from graftlm.eval.metrics import METRICS
 from graftlm.eval.runner import Task, evaluate
-from graftlm.lora.merge import load_merged
+from graftlm.loading.merged import load_merged
 
 console = Console(highlight=False)
 

@@ -9,7 +9,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from graftlm.model import catalog
+from graftlm.loading import catalog
 
 console = Console(highlight=False)
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (GraftlmError, ValueError) as e:
+    except GraftlmError as e:  # the user's input; anything else is a bug and keeps its traceback
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

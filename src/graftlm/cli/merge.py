@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from graftlm.cli.options import add_model
-from graftlm.lora.merge import write_merged
+from graftlm.loading.merged import write_merged
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from graftlm.engine.sampling import SamplingParams
-from graftlm.lora.merge import load_merged
-from graftlm.model.catalog import CATALOG, DEFAULT_MODEL, ModelSource
+from graftlm.loading.catalog import CATALOG, DEFAULT_MODEL, ModelSource
+from graftlm.loading.merged import load_merged
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
 

@@ -7,13 +7,14 @@ import logging
 import os
 from pathlib import Path
 
+from graftlm.cli.fields import add_fields, build
 from graftlm.cli.options import DTYPES, add_model
 from graftlm.engine.adapter_finder import AdapterFinder
 from graftlm.engine.engine import Engine, EngineConfig
+from graftlm.engine.registry_finder import RegistryFinder
 from graftlm.errors import GraftlmError
-from graftlm.model import catalog
+from graftlm.loading import catalog
 from graftlm.registry import Registry
-from graftlm.registry.serving import RegistryFinder
 from graftlm.server.auth import KeyRing
 from graftlm.server.settings import ServerSettings, check_host
 
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = EngineConfig()
     p = sub.add_parser(
         "serve",
         help="serve the model and many adapters behind an OpenAI-compatible API",
@@ -70,48 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--insecure", action="store_true", help="listen on a non-loopback address without keys (anyone may call)"
     )
-    a.add_argument(
-        "--allow-runtime-loading",
-        action="store_true",
-        help="open /v1/load_lora_adapter and /v1/unload_lora_adapter to admin keys",
-    )
-    a.add_argument(
-        "--adapter-root",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="the folder runtime loads may read from (default: --adapters)",
-    )
-    a.add_argument(
-        "--max-body-mb", type=float, default=4.0, help="largest request body, in MB (default: 4); larger gets 413"
-    )
-    a.add_argument(
-        "--max-choices", type=int, default=64, help="most completions (prompts x n) in one request (default: 64)"
-    )
+    add_fields(a, ServerSettings)
     g = p.add_argument_group("engine")
-    g.add_argument("--max-batch", type=int, default=d.max_batch, help=f"rows decoded together (default: {d.max_batch})")
-    g.add_argument(
-        "--max-len", type=int, default=d.max_len, help=f"prompt + answer tokens per request (default: {d.max_len})"
-    )
-    g.add_argument(
-        "--prefill-tokens",
-        type=int,
-        default=d.prefill_tokens,
-        help=f"prompt tokens per prefill step; bounds the stall of running requests (default: {d.prefill_tokens})",
-    )
-    g.add_argument(
-        "--adapter-cache-mb",
-        type=float,
-        default=d.adapter_cache_mb,
-        help=f"MB for resident adapters, least recently used evicted (default: {d.adapter_cache_mb:g})",
-    )
-    g.add_argument("--max-rank", type=int, default=d.max_rank, help=f"largest adapter rank (default: {d.max_rank})")
-    g.add_argument(
-        "--adapter-dtype",
-        choices=("bfloat16", "float32"),
-        default=d.adapter_dtype,
-        help="how resident adapters are held; bfloat16 is exact for adapters stored in bf16 (default)",
-    )
+    add_fields(g, EngineConfig)
     g.add_argument("--pin", action="append", default=[], metavar="NAME", help="keep this adapter resident (repeatable)")
     p.set_defaults(run=run)
 
@@ -123,15 +84,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     if args.registry is not None:
         finder = RegistryFinder(Registry(args.registry, create=False))
     model, tok, source = catalog.load(args.model, DTYPES[args.dtype], args.device)
-    config = EngineConfig(
-        max_batch=args.max_batch,
-        max_len=args.max_len,
-        prefill_tokens=args.prefill_tokens,
-        adapter_cache_mb=args.adapter_cache_mb,
-        max_rank=args.max_rank,
-        adapter_dtype=args.adapter_dtype,
-    )
-    engine = Engine(model, tok, config, finder, force=args.force)
+    engine = Engine(model, tok, build(EngineConfig, args), finder, force=args.force)
     for name in args.pin:
         engine.cache.pin(name)
     return engine, args.name or source.name
@@ -141,13 +94,8 @@ def settings_from(args: argparse.Namespace, model_name: str) -> ServerSettings:
     plain = list(args.api_key) + ([os.environ["GRAFTLM_API_KEY"]] if os.environ.get("GRAFTLM_API_KEY") else [])
     keys = KeyRing.build(plain, args.keys)
     check_host(args.host, keys, args.insecure)
-    return ServerSettings(
-        model_name,
-        keys=keys,
-        allow_runtime_loading=args.allow_runtime_loading,
-        adapter_root=args.adapter_root or args.adapters,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_choices=args.max_choices,
+    return build(
+        ServerSettings, args, model_name=model_name, keys=keys, adapter_root=args.adapter_root or args.adapters
     )
 
 

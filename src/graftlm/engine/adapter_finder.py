@@ -1,4 +1,4 @@
-"""Where the engine finds adapters by name: a folder on disk here, the registry in `graftlm.registry.serving`.
+"""Where the engine finds adapters by name: a folder on disk here, the registry in `graftlm.engine.registry_finder`.
 
 A folder holds one adapter per subfolder, either `DIR/name/` or with versions `DIR/name/VERSION/`
 (then `name` means the highest version and `name@VERSION` a given one).

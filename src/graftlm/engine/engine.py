@@ -37,11 +37,12 @@ from graftlm.engine.runner import ModelRunner, finite_rows
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.scheduler import Scheduler
 from graftlm.engine.sequence import Decoding, check_prompt
-from graftlm.errors import GraftlmError
+from graftlm.errors import ConfigError, GraftlmError
 from graftlm.lora.config import AdapterError
 from graftlm.lora.slots import AdapterSlots
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
+from graftlm.setting import setting
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,18 @@ class NonFiniteOutputError(GraftlmError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 32  # rows decoded together (and KV rows allocated)
-    max_len: int = 2048  # positions per row: prompt + output (cut to the model's context window)
-    prefill_tokens: int = 256  # tokens per prefill forward: bounds how long newcomers stall running rows
-    adapter_cache_mb: float = 1024.0  # adapter slots, in MB
-    max_rank: int = 16  # the largest adapter rank the slots hold
-    adapter_dtype: str = "bfloat16"  # how slots hold adapters: bfloat16 (as stored) or float32
-    max_waiting: int = 10_000  # queued requests beyond this are refused
-    max_queued_per_tenant: int = 4096  # one tenant's requests in the engine (waiting or running)
+    max_batch: int = setting(32, "rows decoded together (and KV rows allocated)")
+    max_len: int = setting(2048, "prompt + answer tokens per request (cut to the model's context window)")
+    prefill_tokens: int = setting(256, "prompt tokens per prefill step; bounds the stall of running requests")
+    adapter_cache_mb: float = setting(1024.0, "MB for resident adapters, least recently used evicted")
+    max_rank: int = setting(16, "largest adapter rank")
+    adapter_dtype: str = setting(
+        "bfloat16",
+        "how resident adapters are held; bfloat16 is exact for adapters stored in bf16",
+        choices=("bfloat16", "float32"),
+    )
+    max_waiting: int = setting(10_000, "requests waiting for a row beyond which new ones are refused (503)")
+    max_queued_per_tenant: int = setting(4096, "one tenant's requests in the engine, waiting or running (429)")
     strategy: str = "auto"  # how rows with different adapters are computed (see lora.batched)
 
 
@@ -132,7 +137,7 @@ class Engine:
         check_prompt(prompt, self.max_len, "this server's context")
         for src, w in adapters:
             if not (math.isfinite(w) and abs(w) <= MAX_ADAPTER_WEIGHT):
-                raise ValueError(
+                raise ConfigError(
                     f"adapter {src.key} has weight {w}: a weight is a finite number within ±{MAX_ADAPTER_WEIGHT:g}"
                 )
         req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), json_mode=json_mode)

@@ -14,6 +14,7 @@ import torch
 from graftlm.engine.kv_cache import KVCache
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.sequence import Decoding, check_prompt
+from graftlm.errors import ConfigError
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
 
@@ -79,7 +80,7 @@ class Generator:
         b = len(prompts)
         per_row = [params] * b if isinstance(params, SamplingParams) else list(params)
         if len(per_row) != b:
-            raise ValueError(f"{b} prompts but {len(per_row)} sampling settings")
+            raise ConfigError(f"{b} prompts but {len(per_row)} sampling settings")
         for p in prompts:
             self.check_prompt(p)
         lengths = [len(p) for p in prompts]

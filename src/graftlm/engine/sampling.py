@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from graftlm.errors import ConfigError
+
 # below this temperature, sampling is greedy: 1/T overflows float32 (vLLM uses the same floor)
 MIN_TEMPERATURE = 1e-5
 SEED_SPACE = 2**64  # seeds are taken modulo 2^64, the width of torch's generator state
@@ -24,15 +26,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:  # also refuses NaN
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise ConfigError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:

@@ -13,14 +13,14 @@ import torch
 from graftlm.engine.json_mode import JsonConstraint
 from graftlm.engine.sampling import SamplingParams, sample
 from graftlm.engine.text_stream import TextStream
-from graftlm.errors import PromptTooLongError
+from graftlm.errors import ConfigError, PromptTooLongError
 from graftlm.model.tokenizer import Tokenizer
 
 
 def check_prompt(ids: Sequence[int], context: int, what: str) -> None:
     """Refuse an empty prompt, or one that leaves no position to generate in `context` positions."""
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise ConfigError("the prompt is empty")
     if len(ids) >= context:
         raise PromptTooLongError(
             f"prompt has {len(ids)} tokens but {what} is {context} (at least one position must be left to generate)"

@@ -11,6 +11,7 @@ from rich.progress import Progress
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
+from graftlm.errors import ConfigError
 from graftlm.eval.metrics import METRICS
 from graftlm.train.data import DataError, read_jsonl
 
@@ -26,7 +27,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+            raise ConfigError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
 
     @classmethod
     def beside(cls, data: Path) -> Task | None:

@@ -193,6 +193,10 @@ class MultiLoRALinear(nn.Module):
     def _b(self, slot: int) -> torch.Tensor:
         return self.B[slot].float() * self.scale[slot]  # [r, out], scaled
 
+    def forward_rows(self, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """The model's seam (`graftlm.model.llama.RowAdaptedProjection`): base output plus each row's adapter."""
+        return self.forward(x, batch)
+
     def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
         if batch is not None and batch.token_level:  # packed prompts: every token is a row of its own
             b, s, _ = x.shape

@@ -5,7 +5,7 @@ no gathered copy and one call per projection (PyTorch ops need a copy of every r
 dozen small matmuls per distinct adapter, and both cost more than the adapters themselves here).
 
 The C source below is compiled on first use (`graftlm.native`) and called through ctypes. Without a
-compiler, or with GRAFTLM_NO_KERNEL=1, `kernel()` returns None and the PyTorch paths in `batched.py`
+compiler, or with GRAFTLM_KERNEL=never, `kernel()` returns None and the PyTorch paths in `batched.py`
 are used.
 """
 
@@ -107,7 +107,7 @@ class WorkItems:
 
 @cache
 def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (no compiler, failed build, or GRAFTLM_NO_KERNEL=1)."""
+    """The compiled kernel library, or None (no compiler, failed build, or GRAFTLM_KERNEL=never)."""
     dll = compile_library("bgmv", SOURCE)
     if dll is None:
         return None

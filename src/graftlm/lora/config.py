@@ -10,8 +10,10 @@ from typing import Any
 import re2
 
 from graftlm.errors import GraftlmError
+from graftlm.model.modules import PROJECTIONS
+from graftlm.setting import setting
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = PROJECTIONS  # an adapter may target any projection
 # rank_pattern and alpha_pattern keys are regexes from the adapter's own file: they are matched with RE2,
 # which runs in linear time (Python's `re` can backtrack for minutes on a crafted pattern, holding the GIL)
 MAX_PATTERNS = 1024
@@ -32,15 +34,32 @@ class AdapterError(GraftlmError):
         self.public = public
 
 
+def names(text: str) -> tuple[str, ...]:
+    """Projection names from "q_proj,v_proj" (a command-line option)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """Layer indices from "0-11,20" (a command-line option)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise AdapterError(f"layers are numbers and ranges such as 0-11,20, not {text!r}") from None
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = TARGETS
-    layers: tuple[int, ...] | None = None  # None: every layer
-    use_rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski, 2023) instead of alpha/r
-    use_dora: bool = False  # weight-decomposed LoRA (Liu et al., 2024)
+    r: int = setting(16, "LoRA rank", flag="--rank")
+    alpha: float = 32.0  # the command line's default is 2 x rank
+    dropout: float = setting(0.0, "LoRA dropout")
+    targets: tuple[str, ...] = setting(TARGETS, "comma-separated projections", parse=names)
+    layers: tuple[int, ...] | None = setting(None, "layers to adapt, e.g. 0-11,20 (default: all)", parse=layer_list)
+    use_rslora: bool = setting(False, "scale by alpha/sqrt(rank) (rsLoRA, Kalajdzievski, 2023)", flag="--rslora")
+    use_dora: bool = setting(False, "weight-decomposed LoRA (DoRA, Liu et al., 2024)", flag="--dora")
     # PEFT's per-module overrides: pattern -> rank / alpha, matched against the module path
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)

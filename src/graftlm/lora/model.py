@@ -5,31 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from graftlm.lora.config import TARGETS, AdapterError, LoraConfig
+from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.layer import LoRALinear
 from graftlm.model.llama import Llama
+from graftlm.model.modules import module_path, parent, projections
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 PEFT_PREFIX = "base_model.model."
-
-
-def module_path(layer: int, target: str) -> str:
-    """The projection's path under Hugging Face naming, e.g. `model.layers.3.self_attn.q_proj`."""
-    block = "self_attn" if target in ATTENTION else "mlp"
-    return f"model.layers.{layer}.{block}.{target}"
-
-
-def parent(model: Llama, layer: int, target: str) -> nn.Module:
-    block = model.layers[layer]
-    return block.self_attn if target in ATTENTION else block.mlp
-
-
-def projections(model: Llama) -> Iterator[tuple[int, str, nn.Module]]:
-    for i in range(model.config.num_hidden_layers):
-        for t in TARGETS:
-            yield i, t, getattr(parent(model, i, t), t)
 
 
 def add_lora(model: Llama, config: LoraConfig, only: set[str] | None = None) -> list[str]:

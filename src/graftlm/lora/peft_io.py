@@ -28,8 +28,9 @@ from graftlm.fileio import atomic_dir
 from graftlm.lora.config import TARGETS, AdapterError, LoraConfig
 from graftlm.lora.files import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE
 from graftlm.lora.layer import base_shape
-from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state, module_path, projections
+from graftlm.lora.model import PEFT_PREFIX, add_lora, load_lora_state
 from graftlm.model.llama import Llama
+from graftlm.model.modules import module_path, projections
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import torch
 from graftlm.lora.batched import MultiLoRALinear
 from graftlm.lora.config import AdapterError
 from graftlm.lora.layer import base_shape
-from graftlm.lora.model import PEFT_PREFIX, module_path, parent, projections
+from graftlm.lora.model import PEFT_PREFIX
 from graftlm.lora.peft_io import Adapter, check_fits
 from graftlm.model.llama import Llama
+from graftlm.model.modules import module_path, parent, projections
 
 
 class AdapterSlots:

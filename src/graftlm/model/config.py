@@ -68,10 +68,6 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise CorruptModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
         """Build from a Hugging Face config dict (transformers 4.x or 5.x layout)."""

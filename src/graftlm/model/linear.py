@@ -49,7 +49,7 @@ void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n
 
 @cache
 def kernel() -> ctypes.CDLL | None:
-    """The compiled library, or None (no compiler, failed build, or GRAFTLM_NO_KERNEL=1)."""
+    """The compiled library, or None (no compiler, failed build, or GRAFTLM_KERNEL=never)."""
     dll = compile_library("gemv", DOT + SOURCE)
     if dll is None:
         return None

@@ -13,11 +13,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftlm.lora.batched import AdapterBatch, MultiLoRALinear
 from graftlm.model.config import LlamaConfig
 from graftlm.model.fingerprint import weights_fingerprint
 from graftlm.model.linear import Linear
 from graftlm.model.rope import RotaryTable, apply_rotary
+
+
+class RowAdapters(Protocol):
+    """The seam for per-row adapters: which adapter (or mix) each row of a batch uses. The model only
+    carries it to the projections that take it; what it holds is up to them (`graftlm.lora.batched`)."""
+
+    @property
+    def any(self) -> bool:
+        """Does any row use an adapter?"""
+        ...
+
+
+class RowAdaptedProjection(Protocol):
+    """A projection that computes a different adapter per row: the forward passes it the batch's
+    `RowAdapters` through `forward_rows` (every other projection is called plainly)."""
+
+    def forward_rows(self, x: torch.Tensor, adapters: RowAdapters) -> torch.Tensor: ...
 
 
 class KVStore(Protocol):
@@ -161,7 +177,7 @@ class ForwardContext:
         start: int,
         mask: torch.Tensor | None,
         is_causal: bool,
-        adapters: AdapterBatch | None = None,
+        adapters: RowAdapters | None = None,
     ):
         self.cos, self.sin = cos, sin  # [B, 1, S, D]
         self.cache, self.start = cache, start
@@ -169,9 +185,11 @@ class ForwardContext:
         self.adapters = adapters  # which adapter slot each row uses
 
     def project(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Apply a projection; multi-adapter projections also get the rows' adapter choice."""
-        if self.adapters is not None and isinstance(proj, MultiLoRALinear):
-            return proj(x, self.adapters)
+        """Apply a projection; a `RowAdaptedProjection` also gets the rows' adapter choice."""
+        if self.adapters is not None:
+            rows = getattr(proj, "forward_rows", None)
+            if rows is not None:
+                return rows(x, self.adapters)
         return proj(x)
 
 
@@ -243,7 +261,7 @@ class Llama(nn.Module):
         start: int = 0,
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
-        adapters: AdapterBatch | None = None,
+        adapters: RowAdapters | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] at cache offset `start`: [B, S, V], or [B, 1, V] with `last_only`.
@@ -262,7 +280,7 @@ class Llama(nn.Module):
         cache: KVStore | None = None,
         start: int = 0,
         key_valid: torch.Tensor | None = None,
-        adapters: AdapterBatch | None = None,
+        adapters: RowAdapters | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last decoder layer's output [B, S, hidden], before the final norm (see `forward`)."""
@@ -279,7 +297,7 @@ class Llama(nn.Module):
         cache: KVStore | None = None,
         start: int = 0,
         key_valid: torch.Tensor | None = None,
-        adapters: AdapterBatch | None = None,
+        adapters: RowAdapters | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> ForwardContext:
         """What the decoder layers need to run on `tokens` [B, S] (see `forward`): rotary tables and mask."""

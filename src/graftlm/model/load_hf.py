@@ -19,9 +19,6 @@ from graftlm.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# A palettized checkpoint (graftlm.quant.checkpoint) names its palettized weights in this file.
-LAYOUT_FILE = "palettization.json"
-
 # Keys that older checkpoints carry but that we derive ourselves.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -111,18 +108,17 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     return {ours_to_hf(k): v for k, v in model.state_dict().items() if not (tied and k.startswith("lm_head."))}
 
 
-def load_checkpoint(
-    path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+def read_checkpoint(
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    prepare: Callable[[Llama], None] | None = None,
 ) -> tuple[Llama, Tokenizer]:
-    """Load a Hugging Face Llama-family checkpoint directory."""
+    """Read a Hugging Face Llama-family checkpoint directory (see `build_model` for `prepare`; checkpoints
+    whose layers need swapping, such as palettized ones, are loaded by `graftlm.loading.checkpoint`)."""
     if not (path / "config.json").exists():
         raise CorruptModelError(f"{path} is not a checkpoint directory: it has no config.json")
     config = LlamaConfig.from_file(path / "config.json")
-    prepare = None
-    if (path / LAYOUT_FILE).exists():
-        from graftlm.quant.checkpoint import read_layout
-
-        prepare = read_layout(path).prepare(dtype)
     model = build_model(config, read_tensors(path), dtype, device, prepare)
     tokenizer = Tokenizer.from_dir(path)
     log.debug("loaded %s: %d layers, %.1fM parameters", path, config.num_hidden_layers, model.num_parameters() / 1e6)

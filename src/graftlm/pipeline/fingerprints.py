@@ -22,7 +22,7 @@ BASE_CACHE = "base-fingerprints.json"
 def base_fingerprint(model_name: str, state: Path) -> str:
     """The base model's weights fingerprint, cached by the checkpoint files' size and mtime so that a run
     with nothing changed does not load the model."""
-    from graftlm.model import catalog
+    from graftlm.loading import catalog
 
     source = catalog.resolve(model_name)
     files = sorted(p for p in source.checkpoint.rglob("*") if p.is_file())

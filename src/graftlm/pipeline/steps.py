@@ -6,8 +6,8 @@ from pathlib import Path
 
 from graftlm.engine.generate import Generator
 from graftlm.eval.runner import Task, evaluate
+from graftlm.loading.merged import load_merged
 from graftlm.lora.config import TARGETS, LoraConfig
-from graftlm.lora.merge import load_merged
 from graftlm.pipeline.spec import AdapterSpec
 from graftlm.train.sft import DataSpec, train_adapter
 from graftlm.train.trainer import TrainConfig

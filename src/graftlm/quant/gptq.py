@@ -61,9 +61,3 @@ def refine(p: Palette, weight: torch.Tensor, gram: torch.Tensor, damp: float = D
     unordered = torch.empty_like(idx)
     unordered[:, order] = idx
     return Palette(pack(unordered, p.bits), p.tables, p.bits, p.group_size, inn, p.scales, p.in_scales)
-
-
-def output_error(q: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """tr((Q − W) H (Q − W)ᵀ): the mean squared output error of Q against W on the calibration inputs."""
-    d = q.float() - weight.float()
-    return float(((d @ gram.float()) * d).sum())

@@ -119,9 +119,5 @@ class PalettizedEmbedding(nn.Module):
         self.lut = lut_layer
         self.dtype = dtype
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.lut.out_features
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lut.rows(tokens).to(self.dtype)

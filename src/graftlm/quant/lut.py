@@ -133,7 +133,7 @@ void lut_matmul(const float *x, const uint8_t *packed, const float *tables, cons
 
 @cache
 def kernel() -> ctypes.CDLL | None:
-    """The compiled LUT library, or None (no compiler, failed build, or GRAFTLM_NO_KERNEL=1)."""
+    """The compiled LUT library, or None (no compiler, failed build, or GRAFTLM_KERNEL=never)."""
     dll = compile_library("lut", DOT + SOURCE)
     if dll is None:
         return None

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from graftlm.lora.model import module_path, projections
 from graftlm.model.llama import Llama
+from graftlm.model.modules import module_path, projections, replace_module
 from graftlm.quant.linear import PalettizedEmbedding, PalettizedLinear
 from graftlm.quant.palette import Palette
 
@@ -47,12 +47,6 @@ def apply_palettes(model: Llama, palettes: dict[str, Palette]) -> Llama:
         replace_module(model, name, PalettizedLinear(palette, None if old.bias is None else old.bias.detach()))
     model._fingerprint = None
     return model
-
-
-def replace_module(model: Llama, name: str, module: nn.Module) -> None:
-    """Put `module` where the submodule at path `name` is."""
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def palettized_modules(model: Llama) -> Iterator[tuple[str, PalettizedLinear]]:

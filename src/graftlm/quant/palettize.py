@@ -19,6 +19,7 @@ from graftlm.quant.palette import Palette
 from graftlm.quant.plan import Option, Plan, allocate
 from graftlm.quant.probe import KLProbe
 from graftlm.quant.sensitivity import CalibrationError, Sensitivity
+from graftlm.setting import setting
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,36 @@ class PalettizeError(GraftlmError):
     """A palettization that cannot be done as asked."""
 
 
+def widths(text: str) -> tuple[int, ...]:
+    """Bit widths from "2,3,4" (a command-line option)."""
+    try:
+        return tuple(sorted({int(c) for c in text.split(",") if c.strip()}))
+    except ValueError:
+        raise PalettizeError(f"bit widths are integers separated by commas, not {text!r}") from None
+
+
 @dataclass(frozen=True)
 class PalettizeConfig:
-    bits: float = 3.5  # target average bits per weight, everything counted
-    choices: tuple[int, ...] = BITS  # widths a weight may get
-    group_size: int = 16  # output rows per table (0: one table per tensor)
-    weighting: str = "activation"  # what weights k-means: activation | fisher | none (activation measured best)
-    row_scale: bool = True  # a float16 scale per output row (see `Palette`)
-    gptq: bool = True  # choose indices by GPTQ's error compensation (see `gptq.py`), not nearest entry
-    in_scale: bool = True  # try float16 input-column scales (see `Palette`) and keep them where they help
-    head_bits: int = HEAD_FLOOR  # the least width a mixed plan gives the output head (see `HEAD_FLOOR`); 0: no floor
+    bits: float = setting(3.5, "target average bits per weight, 2-8, everything counted")
+    choices: tuple[int, ...] = setting(
+        BITS, "bit widths a weight may get, comma-separated (one width gives a uniform model)", parse=widths
+    )
+    group_size: int = setting(16, "output rows per table (0: one table per tensor)")
+    weighting: str = setting("activation", "what weights k-means (activation measured best)", choices=WEIGHTINGS)
+    row_scale: bool = setting(
+        True, "no float16 scale per output row (rows of a group then share one table as they are)"
+    )  # see `Palette`
+    gptq: bool = setting(
+        True, "round each weight to its nearest table entry instead of GPTQ's error-compensating assignment"
+    )
+    in_scale: bool = setting(
+        True, "no float16 input-column scales (otherwise tried per weight and kept where they lower the loss)"
+    )
+    head_bits: int = setting(
+        HEAD_FLOOR,
+        "the least width the output head (a tied embedding) gets in a mixed plan; its loss on the model's own "
+        "calibration text understates its loss on real text (0: no floor)",
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:

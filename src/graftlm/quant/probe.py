@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from graftlm.lora.model import module_path, projections
 from graftlm.model.llama import Llama
+from graftlm.model.modules import module_path, projections
 from graftlm.quant.model import HEAD
 
 

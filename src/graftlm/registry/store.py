@@ -213,11 +213,6 @@ class Registry:
             index.move_alias(db, name, alias, target, f"rollback from {current}")
         return current, target
 
-    def unalias(self, name: str, alias: str) -> None:
-        with self.db() as db, index.transaction(db):
-            if index.move_alias(db, name, alias, None, "removed") is None:
-                raise RegistryError(f"{name} has no alias {alias!r}")
-
     # ---- removing ----------------------------------------------------------------------------
     def delete(self, ref: str, force: bool = False) -> Version:
         """Delete one version. One that an alias points at is refused unless `force` (which drops the alias)."""

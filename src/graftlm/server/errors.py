@@ -57,7 +57,7 @@ def as_api_error(e: BaseException, model: str = "") -> ApiError:
         return ApiError(503, str(e), "overloaded")
     if isinstance(e, AdapterError):
         return ApiError(400, adapter_message(e, model), "adapter_error", "model")
-    if isinstance(e, (GraftlmError, ValueError)):
+    if isinstance(e, GraftlmError):
         return ApiError(400, str(e))
     log.error("request failed", exc_info=e)
     return ApiError(500, "internal server error (the server log has the details)", "internal_error")

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from graftlm.engine.engine import MAX_ADAPTER_WEIGHT
+from graftlm.errors import ConfigError
 
 
 def _unicode(s: str) -> str:
@@ -61,7 +62,7 @@ class Sampling(Strict):
             return ()
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+            raise ConfigError("stop takes up to 4 non-empty strings")
         return stops
 
 

@@ -8,16 +8,19 @@ from pathlib import Path
 
 from graftlm.errors import GraftlmError
 from graftlm.server.auth import KeyRing
+from graftlm.setting import setting
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str  # the base model's name in the API: a request naming it uses no adapter
     keys: KeyRing = field(default_factory=KeyRing)  # empty: no authentication (loopback only)
-    allow_runtime_loading: bool = False  # /v1/load_lora_adapter and unload exist, for admin keys
-    adapter_root: Path | None = None  # runtime loads come only from folders under it
-    max_body_bytes: int = 4 * 2**20  # a larger request body gets a 413 before it is parsed
-    max_choices: int = 64  # prompts x n in one request
+    allow_runtime_loading: bool = setting(False, "open /v1/load_lora_adapter and /v1/unload_lora_adapter to admin keys")
+    adapter_root: Path | None = setting(
+        None, "the folder runtime loads may read from (by default the --adapters folder)", metavar="DIR"
+    )
+    max_body_mb: float = setting(4.0, "largest request body, in MB; a larger one gets 413 before it is parsed")
+    max_choices: int = setting(64, "most completions (prompts x n) in one request")
 
     def __post_init__(self) -> None:
         if self.allow_runtime_loading:
@@ -29,6 +32,10 @@ class ServerSettings:
                 raise GraftlmError("runtime loading needs a folder to load from: --adapters or --adapter-root DIR")
         if self.max_body_bytes < 1024 or self.max_choices < 1:
             raise GraftlmError("the body limit is at least 1 KiB and max choices at least 1")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 def check_host(host: str, keys: KeyRing, insecure: bool) -> None:

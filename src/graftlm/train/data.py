@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from graftlm.errors import GraftlmError
+from graftlm.errors import ConfigError, GraftlmError
 from graftlm.model.tokenizer import Message, Tokenizer
 
 ON_LONG = ("truncate", "reject")
@@ -116,7 +116,7 @@ def load_examples(
 ) -> list[Example]:
     """Tokenize a JSONL file. Too-long examples are cut to `max_length` or rejected, as chosen."""
     if on_long not in ON_LONG:
-        raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
+        raise ConfigError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
     out = []
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"

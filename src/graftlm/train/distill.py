@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from graftlm import __version__
+from graftlm.errors import ConfigError
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import Adapter, save_adapter
@@ -93,7 +94,7 @@ def train_recovery(
     """Train the recovery adapter on `student` against `teacher` and write it (PEFT format) to `out`;
     `init`: the weights it starts from (`eora.error_init`) instead of LoRA's B = 0."""
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError("teacher and student must share a vocabulary")
+        raise ConfigError("teacher and student must share a vocabulary")
     fingerprint = student.fingerprint()
     for p in teacher.parameters():
         p.requires_grad_(False)

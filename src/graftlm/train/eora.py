@@ -15,8 +15,9 @@ import torch
 
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.layer import base_weight
-from graftlm.lora.model import PEFT_PREFIX, module_path, projections
+from graftlm.lora.model import PEFT_PREFIX
 from graftlm.model.llama import Llama
+from graftlm.model.modules import module_path, projections
 from graftlm.quant.sensitivity import input_grams
 
 # H is scaled to a mean eigenvalue of 1, plus this on its diagonal: directions the inputs never take

@@ -12,10 +12,11 @@ import torch
 
 from graftlm import __version__
 from graftlm.fileio import file_sha256
+from graftlm.loading import catalog
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import WEIGHTS_FILE, read_adapter, save_adapter
-from graftlm.model import catalog
+from graftlm.setting import setting
 from graftlm.train.data import load_examples
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
 
@@ -27,8 +28,10 @@ RECORD_FILE = "training.json"
 class DataSpec:
     train: Path
     valid: Path | None = None
-    on_long: str = "truncate"  # or "reject"
-    chat: bool = True  # prompt/completion lines go through the chat template when the model has one
+    on_long: str = setting("truncate", "what to do with longer examples", choices=("truncate", "reject"))
+    chat: bool = setting(
+        True, "prompt/completion lines without the chat template", flag="--raw"
+    )  # with it (the default), they go through the model's chat template when it has one
 
 
 def checkpoint_dir(out: Path) -> Path:

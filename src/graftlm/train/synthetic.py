@@ -17,6 +17,7 @@ from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import GraftlmError
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
+from graftlm.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,10 @@ def self_generated(
             on_batch(n)
     log.info("the model wrote %d samples, %d tokens", len(out), sum(map(len, out)))
     return out
+
+
+def written(model: Llama, tokenizer: Tokenizer, samples: int, length: int, seed: int, use: str) -> list[list[int]]:
+    """`self_generated` under a progress bar naming what the text is for (`use`)."""
+    with bar() as b:
+        task = b.add_task(f"the model writes {use} text", total=samples)
+        return self_generated(model, tokenizer, samples, length, seed, lambda n: b.advance(task, n))

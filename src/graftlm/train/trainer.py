@@ -16,10 +16,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from graftlm import native
+from graftlm.errors import ConfigError
 from graftlm.lora.config import AdapterError, LoraConfig
 from graftlm.lora.model import add_lora, load_lora_state, lora_layers
 from graftlm.lora.peft_io import Adapter, check_fits
 from graftlm.model.llama import Llama
+from graftlm.setting import setting
 from graftlm.train import checkpoint
 from graftlm.train.data import Batch, Example, bucketed_batches, collate
 from graftlm.train.losses import completion_loss
@@ -29,27 +31,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 2e-4
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    warmup: float = 0.05  # fraction of optimizer steps
+    lr: float = setting(2e-4, "peak learning rate")
+    epochs: int = setting(1, "passes over the training data")
+    batch_size: int = setting(8, "examples per micro-batch", flag="--batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    max_length: int = setting(512, "tokens per example")
+    warmup: float = setting(0.05, "warmup fraction of optimizer steps")
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 50  # optimizer steps between validations (0: only at the end)
-    save_every: int = 100  # optimizer steps between checkpoints (0: never)
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    seed: int = setting(0, "same seed, same data: same adapter")
+    eval_every: int = setting(50, "optimizer steps between validations (0: only at the end)")
+    save_every: int = setting(100, "optimizer steps between checkpoints (0: never)")
+    max_steps: int = setting(0, "stop after this many optimizer steps (0: run all epochs)")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+            raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -88,7 +90,7 @@ class TrainResult:
 class Loop:
     """The optimisation loop over any parameters of a model: AdamW, warmup and cosine decay, gradient
     accumulation and clipping, validation on a schedule, checkpoints with exact resume, a progress bar.
-    `Trainer` is it for LoRA adapters; palette tuning (`graftlm.quant.tune`) runs it on lookup tables."""
+    `Trainer` is it for LoRA adapters; palette tuning (`graftlm.recipes.tune`) runs it on lookup tables."""
 
     def __init__(
         self,

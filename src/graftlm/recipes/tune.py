@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.model.llama import Llama
+from graftlm.model.modules import replace_module
 from graftlm.quant.linear import PalettizedLinear
-from graftlm.quant.model import EMBED, palettized_modules, replace_module
+from graftlm.quant.model import EMBED, palettized_modules
 from graftlm.train.distill import as_examples, kl_loss
 from graftlm.train.trainer import Loop, TrainConfig, TrainResult
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from graftlm.model.load_hf import load_checkpoint
-from graftlm.quant.checkpoint import read_layout, save_palettized
+from graftlm.loading.checkpoint import load_checkpoint
+from graftlm.loading.palettized import read_layout, save_palettized
 from graftlm.quant.linear import PalettizedLinear
 from graftlm.quant.model import EMBED, apply_palettes, dense_weights, palettized_modules
 from graftlm.quant.palette import Palette
-from graftlm.quant.tune import SCALE_RATE, TunableLinear, tune_palettes
+from graftlm.recipes.tune import SCALE_RATE, TunableLinear, tune_palettes
 from graftlm.train.data import collate
 from graftlm.train.distill import as_examples, kl_loss
 from graftlm.train.synthetic import self_generated

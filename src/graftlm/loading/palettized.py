@@ -3,8 +3,8 @@
 `model.safetensors` holds each palettized weight as `<module>.packed` (uint8 indices), `<module>.tables`
 (float16) and, where it has them, `<module>.scales` and `<module>.in_scales` (float16 row and input-column
 scales), and every other tensor as usual. `palettization.json` lists the palettized weights (bits,
-group size, shape) and the record of how they were made (plan, bits per weight, source). Every loader
-of checkpoints (`graftlm.model.load_hf`) reads it, so all commands load a palettized model by its path.
+group size, shape) and the record of how they were made (plan, bits per weight, source). The loader of
+checkpoints (`graftlm.loading.checkpoint`) reads it, so all commands load a palettized model by its path.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import torch
 
 from graftlm.errors import CorruptModelError
 from graftlm.model.llama import Llama
-from graftlm.model.load_hf import LAYOUT_FILE, hf_state_dict, save_checkpoint
+from graftlm.model.load_hf import hf_state_dict, save_checkpoint
+from graftlm.model.modules import replace_module
 from graftlm.model.tokenizer import Tokenizer
 from graftlm.quant.linear import PalettizedEmbedding, PalettizedLinear
-from graftlm.quant.model import EMBED, palettized_modules, replace_module
+from graftlm.quant.model import EMBED, palettized_modules
 
 FORMAT = "graftlm-palettized"
 VERSION = 1
+LAYOUT_FILE = "palettization.json"  # beside the weights: which of them are palettized, and how
 
 
 @dataclass(frozen=True)

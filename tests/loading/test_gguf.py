@@ -10,10 +10,10 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from graftlm.errors import CorruptModelError, UnsupportedModelError
-from graftlm.model import catalog
-from graftlm.model.load_gguf import read_gguf
+from graftlm.loading import catalog
+from graftlm.loading.gguf import read_gguf
 from tests.conftest import CHATML, CORPUS, write_tiny_checkpoint
-from tests.model.tiny_gguf import write_gguf
+from tests.loading.tiny_gguf import write_gguf
 
 ALL_TYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]
 # K-quants need rows of 256 values.

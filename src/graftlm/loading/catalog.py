@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,13 @@ import torch
 
 from graftlm.errors import UnknownModelError
 from graftlm.fileio import file_sha256
+from graftlm.loading.checkpoint import load_checkpoint
+from graftlm.loading.gguf import read_gguf
 from graftlm.model.config import LlamaConfig
 from graftlm.model.llama import Llama
-from graftlm.model.load_gguf import read_gguf
-from graftlm.model.load_hf import load_checkpoint, save_checkpoint
+from graftlm.model.load_hf import save_checkpoint
 from graftlm.model.tokenizer import Tokenizer
+from graftlm.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ def _smollm2_gguf() -> Path:
 
 
 CATALOG = {DEFAULT_MODEL: _smollm2_gguf}
-
-
-def cache_root() -> Path:
-    env = os.environ.get("GRAFTLM_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graftlm"
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from graftlm.loading import catalog
 from graftlm.lora.model import merge_lora
 from graftlm.lora.peft_io import apply_adapter, read_adapter
-from graftlm.model import catalog
 from graftlm.model.llama import Llama
 from graftlm.model.load_hf import hf_state_dict, save_checkpoint
 from graftlm.model.tokenizer import Tokenizer
