@@ -70,9 +70,8 @@ def kernel_setting() -> bool | None:
 class FasterPath:
     """Per key (a product's shape), whether a kernel or the PyTorch path computes it faster on this host.
 
-    Which one wins depends on the host more than on the code: the gemv kernel decoded 1.66-2.04x faster
-    than PyTorch's matrix-vector product on two AMD EPYC hosts and 0.8x as fast on an Intel Xeon with
-    AVX-512, and on one host the winner changes with the number of rows and the weight's shape. So the
+    Which one wins depends on the host more than on the code, and on one host the winner changes with the
+    number of rows and the weight's shape (benchmarks/README.md, "Kernel or PyTorch, per shape"). So the
     first `trials` calls of each key alternate between the two paths and are timed where they run, on the
     real operands with whatever the surrounding work left in the caches; from then on the key takes the
     path with the lower median time. A decode step calls each projection shape once per layer, so the
@@ -116,7 +115,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same activation-sized buffers every time. By default glibc
     gives large freed blocks back to the system, so each step's allocations are fresh pages the kernel
-    faults in and zeroes one by one: ~250,000 page faults a step on the default model, 2-4% of its time.
+    faults in and zeroes one by one (benchmarks/README.md, "Engine thread and malloc" has the cost).
     Memory freed this way stays in the process, which is what a training process wants. False off glibc.
     """
     try:

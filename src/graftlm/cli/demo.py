@@ -90,7 +90,7 @@ def ensure_adapter(model_name: str, task_dir: Path, task: Task, out: Path) -> No
         if same_data and r["base_model"]["fingerprint"] == model.fingerprint():
             console.print(f"reusing {out} (trained in {r['metrics']['seconds']:.0f} s on unchanged data)")
             return
-    console.print(f"training {out} on {train_file} (6 to 14 minutes on 2 cores, by the machine)")
+    console.print(f"training {out} on {train_file} (minutes: see benchmarks/README.md, example task adapters)")
     train_adapter(
         model_name, DataSpec(train_file, task_dir / "valid.jsonl"), out, LoraConfig(), TrainConfig(**task.train)
     )  # type: ignore[arg-type]

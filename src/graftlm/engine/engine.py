@@ -183,7 +183,8 @@ class Engine:
 
         Prefer the thread that loaded the model (the main thread): libgomp keeps one pool of worker
         threads per thread that runs parallel torch ops, and with two pools on a 2-core machine it stops
-        spin-waiting between ops, which made every decode step about 30% slower here.
+        spin-waiting between ops, which makes every decode step slower (benchmarks/README.md, "Engine thread
+        and malloc").
         """
         try:
             while not (until is not None and until()):

@@ -31,11 +31,9 @@ from graftlm.lora.bgmv import WorkItems, bgmv, kernel
 from graftlm.lora.layer import base_device, base_shape, base_weight
 
 STRATEGIES = ("auto", "kernel", "gather", "grouped", "reference")
-# Measured here (2 threads, 135M model, rank 16, decode at batch 32): the kernel adds 8 ms per step when
-# the rows share one adapter and 26 ms when they use 32 (gathering: 66 ms for 32; looping: 2.5 ms per
-# adapter); with 32 rows on one adapter the kernel and one GEMM pair tie, and beyond that GEMMs win.
-# `auto` uses the kernel up to this many tokens per distinct adapter, and otherwise loops while distinct
-# adapters are at most this fraction of the rows.
+# `auto` uses the kernel up to this many tokens per distinct adapter (beyond it one GEMM pair per adapter
+# wins), and otherwise loops while distinct adapters are at most this fraction of the rows
+# (benchmarks/README.md, "Multi-adapter strategy").
 KERNEL_MAX_TOKENS_PER_ADAPTER = 32
 GROUP_WHEN_DISTINCT_PER_ROW = 0.6
 

@@ -204,8 +204,8 @@ def _check_finite(buf: mmap.mmap, data: int, header: dict, tensors: dict[str, to
 
 
 def _read_ahead(path: Path) -> None:
-    """Ask the kernel to read the whole file now: safetensors maps it and faults pages in one small
-    readahead window at a time, which takes 3-4x longer for a cold 10 MB adapter."""
+    """Ask the kernel to read the whole file now: a mapped file faults its pages in one small readahead
+    window at a time, several times slower for a cold adapter (benchmarks/README.md, "Adapter read-ahead")."""
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError), open(path, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)

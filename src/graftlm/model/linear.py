@@ -2,8 +2,8 @@
 
 A decode step multiplies each weight by one activation row per sequence. That product reads the whole
 weight once and does two flops per float read, so it runs at the speed memory streams, and PyTorch's
-BLAS matrix-vector product does not always stream at it: on an AMD EPYC host it read 11.5 GB/s where a
-copy reads 53. `gemv` reads each weight row once, with every input row dotted against it while it sits in
+BLAS matrix-vector product does not always stream at it (figures: benchmarks/README.md, "Decode kernel
+rows"). `gemv` reads each weight row once, with every input row dotted against it while it sits in
 cache, split over the threads by output row. Products of more rows (prefill, training) and anything that
 needs a gradient stay with `F.linear`. On some hosts PyTorch's product is the faster one, for some shapes
 or for all: each product shape takes whichever path `FasterPath` timed faster in its first calls.
@@ -22,17 +22,11 @@ from torch import nn
 from graftlm.native import DOT, FasterPath, compile_library
 
 # The kernel reads each weight row once and dots it with every input row while it sits in cache, four input
-# rows at a time. Beyond this many rows the product does enough work per weight read for BLAS to win.
-# Measured on one AMD EPYC host (best of several calls, weights beyond the caches), kernel against PyTorch,
-# one thread: one row 1.6-2.9x (23-35 GB/s against 12-17); 4 rows of 576 2.1-2.6x, 8 rows 1.3-2.6x; 4 rows
-# of 1536 0.9x and 8 0.7x. On another (2 threads, AVX2 only, where PyTorch reads 4-6 GB/s at 4-8 rows):
-# 4 and 8 rows of 1536 2.5x and 1.8x, of 576 2.5x and 1.9x; whole decode steps at batch 4 and 8 went 16%
-# and 9% faster when the 1536-wide down projection took the kernel too. Cutting the inner dimension into
-# slices that keep the input rows in L1 made every one of those products slower.
+# rows at a time. Beyond this many rows the product does enough work per weight read for BLAS to win
+# (benchmarks/README.md, "Decode kernel rows").
 MAX_ROWS = 8
-# The faster of the kernel and F.linear, per (rows, out, in, threads). On a 2-core Intel Xeon with AVX-512,
-# weights beyond the caches, the kernel ran at 0.65-1.07x PyTorch's speed at one row, 1.0-1.9x at 4 and 8
-# rows of 576 inputs and 0.8-0.86x at 4 and 8 rows of 1536: no fixed rule fits every host.
+# The faster of the kernel and F.linear, per (rows, out, in, threads): no fixed rule fits every host
+# (benchmarks/README.md, "Kernel or PyTorch, per shape").
 paths = FasterPath("gemv")
 
 SOURCE = r"""

@@ -16,10 +16,8 @@ import torch
 
 from graftlm.native import DOT, compile_library
 
-# above this many input rows, dequantizing the weight and calling the BLAS matmul may be faster. Measured
-# on 2 threads of an AMD EPYC host, the kernel against dequantize + BLAS, 3 and 4 bits: 1536x576 1.5-1.9x
-# up to 8 rows, 1.0x at 16; 576x1536 1.2-2.2x up to 16 rows; the 49152x576 output head 4.6-19x (the
-# dequantized head alone is 113 MB to write)
+# above this many input rows, dequantizing the weight and calling the BLAS matmul may be faster
+# (benchmarks/README.md, "Palettized products")
 FUSED_MAX_ROWS = 16
 
 SOURCE = r"""

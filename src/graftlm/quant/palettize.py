@@ -24,16 +24,12 @@ from graftlm.setting import setting
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("activation", "fisher", "none")
-# activation-aware input scales tried besides none: s_j = E[x_j²]^(−α/2), α = 0.25 measured best on
-# SmolLM2-135M at 4 bits (held-out perplexity 23.1 unscaled, 18.6 at 0.25, 19.0 at 0.5, 24.4 at 1);
-# each weight keeps whichever gives the least estimated loss
+# activation-aware input scales tried besides none: s_j = E[x_j²]^(−α/2); each weight keeps whichever gives
+# the least estimated loss (why these α: benchmarks/README.md, "Palettization: input scales, ...")
 ALPHAS = (0.25, 0.5)
-# Why the output head gets a floor in mixed plans: its estimated loss is measured on calibration text the
-# model wrote itself, where it is confident, and real text is not. On SmolLM2-135M the tied head at 4 bits
-# costs 0.03 nats on self-written text (the KL of the two heads' distributions) and 0.144 on held-out real
-# text, against 0.149 for all 210 projections at 4 bits, which the estimate puts at 0.25: the plan took the
-# head down to 3 bits (held-out perplexity 29.96); re-planned with the head at 4 bits, the 3.5-bit mix
-# reaches 25.73. llama.cpp's K-quant mixes keep the output tensor wide (Q6_K) for the same reason.
+# The output head gets a floor in mixed plans: its estimated loss is measured on calibration text the model
+# wrote itself, where it is confident, and understates its loss on real text (as llama.cpp's K-quant mixes
+# keep the output tensor wide; figures: benchmarks/README.md, "Palettization: ...")
 HEAD_FLOOR = 4
 
 

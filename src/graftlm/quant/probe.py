@@ -6,9 +6,8 @@ way to the logits differs between tensors in ways that guess misses (keys act th
 layers through every later one). `KLProbe` measures it: the mean per-token KL from the uncompressed
 model's next-token distributions to those of the same model with one weight replaced, on a few calibration
 sequences. Measuring every width of every weight costs a forward pass each; measuring one width per
-weight and scaling that weight's estimates to it does as well for a fraction of the time (SmolLM2-135M's
-3.5-bit mix on held-out text: perplexity 24.10 planned by the estimates, 23.00 by the KL of all five
-widths, 22.84 by the KL of the 3-bit one, before tuning).
+weight and scaling that weight's estimates to it does as well for a fraction of the time
+(benchmarks/README.md, "Palettization: input scales, the head's floor, the KL probe").
 
 Each decoder layer's input is kept, so a weight of layer i reruns layers i.. only.
 """

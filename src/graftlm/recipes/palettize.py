@@ -30,8 +30,7 @@ from graftlm.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
-# sequences the plan's KL probe runs on: 4 of 256 tokens cost about a second per weight of SmolLM2-135M
-# (see docs/compression.md for what they buy)
+# sequences the plan's KL probe runs on (cost and gain: benchmarks/README.md, "Palettization: ...")
 KL_SAMPLES = 4
 
 

@@ -25,7 +25,8 @@ from graftlm.train.trainer import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-# --data pieces used at most: a larger corpus is sampled evenly instead of costing hours (see docs/compression.md)
+# --data pieces used at most: a larger corpus is sampled evenly instead of costing hours
+# (benchmarks/README.md, "Recovery data")
 DATA_SAMPLES = 512
 # sequences whose inputs weigh the compression error for --init error (spread over all training text)
 GRAM_SAMPLES = 128

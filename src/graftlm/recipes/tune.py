@@ -6,20 +6,17 @@ not change) and trains what the indices point at, the float16 tables and the row
 end to end by the KL between the uncompressed model's next-token distributions and the palettized
 model's on the calibration text and on text the uncompressed model writes (the codebook fine-tuning of
 AQLM, Egiazarian et al., 2024, and of PV-tuning, with the discrete half left alone). It is a few hundred
-thousand numbers for a 135M model: SmolLM2-135M's 3.5-bit mix, calibrated on its own writing, goes from
-held-out perplexity 25.7 to 23.0 in 16 steps (3 minutes).
+thousand numbers for a 135M model.
 
 Moving indices as well (PV-tuning's V-step, linearized: each step, the fraction of indices whose move to
-a neighbouring table entry lowers the loss most to first order) was tried and dropped: moving 0.001% of
-them a step (15,000 of 106 million over 16 steps) took that mix from 21.3 to 43.7, 0.2% a step to 52,000.
-The first-order gain ignores curvature; the largest gains are probably on the weights of the largest
-inputs, where the loss also curves most. A V-step needs a second-order estimate to choose its moves.
+a neighbouring table entry lowers the loss most to first order) was tried and dropped: the first-order
+gain ignores curvature, and a V-step needs a second-order estimate to choose its moves. What tuning gains,
+and what the V-step lost: benchmarks/README.md, "Palette tuning".
 
 While they train, palettized projections are swapped for `TunableLinear`, which computes its weight from
 float32 copies of the tables and from log-factors on the scales; `tune_palettes` writes the results back
 into the palettized layers as float16 and swaps them back. The embedding and the output head it shares
-stay as they are: tuning them too was slower and no better (held-out perplexity 23.2 against 23.0 after
-16 steps).
+stay as they are: tuning them too was slower and no better.
 """
 
 from __future__ import annotations
@@ -42,18 +39,14 @@ from graftlm.train.trainer import Loop, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-# measured on SmolLM2-135M's 3.5-bit mix with 8 self-written sequences of 256 tokens a step: held-out
-# perplexity 25.7 untuned; after 32 steps 23.4 at a peak rate of 2e-4, 23.2 at 5e-4, 24.7 at 2e-3; at 5e-4
-# the same after 16 steps as after 32 (23.2). More passes over the same text fit it, not the model: with
-# 127 pieces of real text (benchmarks/palettize.py's) 16 steps gave 21.35, 32 steps 21.06 (training KL
-# 0.14), and 32 steps over those pieces plus 128 texts the model writes 20.55 (training KL 0.39). So the
-# tuning text is the calibration text plus TUNE_SAMPLES self-written texts, and one pass over it.
+# the tuning text is the calibration text plus TUNE_SAMPLES self-written texts, one pass over it: more passes
+# over the same text fit the text, not the model (benchmarks/README.md, "Palette tuning")
 TUNE_SAMPLES = 128
 TUNE_STEPS = 32
 TUNE_LR = 5e-4
 TUNE_BATCH = 8
 # the scales' log-factors move this many times faster than the tables (Adam's step is the learning rate
-# whatever the gradient's size, so the factor is its learning-rate multiplier): 16 steps, 23.0 at 5, 23.8 at 1
+# whatever the gradient's size, so the factor is its learning-rate multiplier; see "Palette tuning")
 SCALE_RATE = 5.0
 
 
