@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.graftlm-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-full test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/graftlm demo
+
+demo-full: $(STAMP)  # every example adapter trained for its whole schedule (about half an hour on 2 cores)
+	$(BIN)/graftlm demo --full
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

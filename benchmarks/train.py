@@ -10,10 +10,13 @@ example; length-bucketed, right-padded, loss on the completion tokens only). PEF
 tensors with labels of -100 off the completion, and no attention mask (exact for right padding, and
 transformers' fastest path). Tokens/s counts real (unpadded) tokens on both sides; graftlm's trainer runs
 the prefix every row of a batch shares (system prompt and instruction) once, as it does in `graftlm train`.
-`--data random` instead times random tokens of `--seq` length with the loss on the second half of each
-sequence, where nothing is shared.
+`--data random` instead times random tokens of `--max-length` length with the loss on the second half of
+each sequence, where nothing is shared. graftlm recomputes layers in the backward pass as `graftlm train`
+does (`--checkpoint-layers`, default auto: only when a batch's activations would pass the trainer's
+budget); PEFT keeps every activation, as transformers does unless gradient checkpointing is turned on.
 
     python benchmarks/train.py [--data examples/summarize/train.jsonl | random] [--batch 8] [--steps 10]
+    python benchmarks/train.py --data random --max-length 1024 --batch 8 --steps 4   # the memory target
 
 Each side runs `--rounds` times (default 2), alternating with the other, and its fastest run counts.
 """
@@ -43,14 +46,15 @@ def batches(args: argparse.Namespace) -> list[Batch]:
     tok = Tokenizer.from_dir(catalog.resolve(args.model).checkpoint)
     if args.data == "random":
         g = torch.Generator().manual_seed(0)
-        targets = torch.zeros(args.batch, args.seq, dtype=torch.bool)
-        targets[:, args.seq // 2 :] = True
-        shape = (args.batch, args.seq)
+        seq = args.max_length
+        targets = torch.zeros(args.batch, seq, dtype=torch.bool)
+        targets[:, seq // 2 :] = True
+        shape = (args.batch, seq)
         return [
-            Batch(torch.randint(100, tok.vocab_size, shape, generator=g), targets, args.batch * args.seq)
+            Batch(torch.randint(100, tok.vocab_size, shape, generator=g), targets, args.batch * seq)
             for _ in range(args.steps + 1)
         ]
-    examples = load_examples(Path(args.data), tok, max_length=512)
+    examples = load_examples(Path(args.data), tok, max_length=args.max_length)
     return [collate(b, tok.pad_id) for b in bucketed_batches(examples, args.batch, seed=0, epoch=0)[: args.steps + 1]]
 
 
@@ -67,13 +71,16 @@ def timed(step: Callable[[Batch], None], data: list[Batch]) -> float:
 def run_graftlm(args: argparse.Namespace) -> float:
     from graftlm.lora.config import LoraConfig
     from graftlm.train.losses import completion_loss
-    from graftlm.train.trainer import TrainConfig, Trainer
+    from graftlm.train.trainer import TrainConfig, Trainer, length_or_auto, recomputed_layers
 
     data = batches(args)
     model, _, _ = catalog.load(args.model)
-    trainer = Trainer(model, LoraConfig(r=16, alpha=32), TrainConfig(lr=1e-4), pad_id=0)  # the batches are already made
+    config = TrainConfig(lr=1e-4, checkpoint_layers=length_or_auto(args.checkpoint_layers))
+    trainer = Trainer(model, LoraConfig(r=16, alpha=32), config, pad_id=0)  # the batches are already made
+    model.train()
 
     def step(b: Batch) -> None:
+        model.recompute = recomputed_layers(model, b.tokens.numel(), config)
         loss, n = completion_loss(model, b)
         (loss / n).backward()
         trainer.optimizer.step()
@@ -107,7 +114,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=catalog.DEFAULT_MODEL)
     ap.add_argument("--data", default="examples/summarize/train.jsonl", help="training JSONL, or 'random'")
-    ap.add_argument("--seq", type=int, default=256, help="sequence length of --data random")
+    ap.add_argument(
+        "--max-length", "--seq", type=int, default=256, help="tokens per example (of --data random: exactly)"
+    )
+    ap.add_argument("--checkpoint-layers", default="auto", help="graftlm's recomputed layers: a number, -1, auto")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
@@ -130,7 +140,7 @@ def main() -> None:
     ours, theirs = (max(runs[side], key=lambda r: r["tokens_per_s"]) for side in ("graftlm", "peft"))
     shape = f"{args.data}, batch {args.batch}"
     if args.data == "random":
-        shape = f"random tokens, batch {args.batch} x {args.seq}"
+        shape = f"random tokens, batch {args.batch} x {args.max_length}"
     table = Table(title=f"LoRA training, rank 16 all projections, {shape}, {args.threads} threads")
     for col in ("measure", "graftlm", "PEFT + transformers", "ratio"):
         table.add_column(col, justify="right")

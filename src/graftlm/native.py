@@ -107,23 +107,27 @@ class FasterPath:
 
 # glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit systems
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+# larger blocks are mapped and unmapped on their own: kept in the heap, they fragment it (benchmarks/README.md)
+HEAP_BLOCK_MAX = 16 * 1024 * 1024
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed blocks of up to 32 MiB in the heap instead of returning them.
+    """Make glibc's malloc keep freed blocks of up to 16 MiB in the heap instead of returning them.
 
     A training step allocates and frees the same activation-sized buffers every time. By default glibc
     gives large freed blocks back to the system, so each step's allocations are fresh pages the kernel
     faults in and zeroes one by one (benchmarks/README.md, "Engine thread and malloc" has the cost).
-    Memory freed this way stays in the process, which is what a training process wants. False off glibc.
+    Memory freed this way stays in the process, which is what a training process wants. Larger blocks
+    (a long batch's activations) are mapped for each use and returned when freed: kept in the heap beside
+    the activations saved for the backward pass, they fragment it, and a batch of 8 x 1024 tokens then
+    peaked at 8.6 GB instead of 2.4 (benchmarks/README.md, "Engine thread and malloc"). False off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+    ok = mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX) == 1
     return ok and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 

@@ -196,3 +196,26 @@ def test_generate_with_an_adapter_answers_as_the_merged_model(
     assert printed == want.strip()
     base, _ = load_merged(str(tiny_dir), None)[:2]
     assert not torch.equal(base.layers[0].mlp.up_proj.weight, model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_long_command_logs_its_progress_when_its_output_is_a_file(tiny_dir: Path, tmp_path: Path) -> None:
+    """`graftlm train > log 2>&1`, as nohup or a job runner runs it: the log shows step, loss, speed,
+    elapsed and time left as it goes (every GRAFTLM_PROGRESS_SECONDS), not only the end."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}:", "completion": f" {i}"}) + "\n" for i in range(40)))
+    log = tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "graftlm.cli.main", "train", "-m", str(tiny_dir), "--data", str(data)]
+    cmd += ["--out", str(tmp_path / "a"), "--batch", "4", "--epochs", "2", "--rank", "2"]
+    env = os.environ | {"GRAFTLM_PROGRESS_SECONDS": "0", "COLUMNS": "200"}
+    with log.open("w") as out:
+        assert subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300).returncode == 0
+    lines = [x.split(" INFO ", 1)[1] for x in log.read_text().splitlines() if " INFO training: " in x]
+    assert len(lines) >= 10, log.read_text()
+    assert lines[0].startswith("training: 0/20 steps")  # the start, then every step (the interval is 0 here)
+    assert "training: 1/20 steps, loss " in lines[1] and "tok/s" in lines[1] and "left" in lines[1]
+    assert lines[-1].startswith("training: 20/20 steps") and "elapsed" in lines[-1]
+    assert "max length auto" in log.read_text() and "peak memory" in log.read_text()

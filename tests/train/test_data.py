@@ -107,7 +107,7 @@ def test_over_long_example_is_truncated_or_rejected(tok: Tokenizer, tmp_path: Pa
 def test_truncation_that_leaves_no_completion_is_reported(tok: Tokenizer, tmp_path: Path) -> None:
     row = {"prompt": "The quick brown fox jumps over the lazy dog. " * 5, "completion": "done"}
     with pytest.raises(DataError, match="no completion tokens to learn from after truncation"):
-        load_examples(_write(tmp_path / "d.jsonl", [row]), tok, 16)
+        load_examples(_write(tmp_path / "d.jsonl", [row]), tok, 16, on_long="truncate-end")
 
 
 def test_buckets_cover_every_example_once_in_a_seeded_order(tok: Tokenizer, tmp_path: Path) -> None:

@@ -129,3 +129,35 @@ def test_a_task_adapter_can_start_from_another_adapter(tiny_dir: Path, data: Pat
     assert any(not torch.equal(after[k], start.tensors[k]) for k in after)  # trained on from there
     with pytest.raises(AdapterError, match="takes its settings"):
         Trainer(load_checkpoint(tiny_dir)[0], LoraConfig(r=8), TrainConfig(), 0, init=start)
+
+
+def test_recomputed_layers_give_the_same_gradients(tiny_dir: Path, data: Path) -> None:
+    """Activation checkpointing trades time for memory only: the loss and every LoRA gradient are those
+    of the plain backward pass, with a shared prefix and without."""
+    trainer = _trainer(tiny_dir)
+    tok = load_checkpoint(tiny_dir)[1]
+    batch = collate(load_examples(data, tok, 64)[:4], tok.pad_id)
+    results = []
+    for recompute in (0, 1, 2):
+        trainer.model.recompute = recompute
+        loss, _ = completion_loss(trainer.model, batch)
+        loss.backward()
+        results.append((float(loss.detach()), {k: p.grad.clone() for k, p in trainer.params.items()}))
+        trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.recompute = 0
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        for k, g in grads.items():
+            torch.testing.assert_close(g, results[0][1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_auto_recomputes_only_the_layers_a_batch_needs(tiny_dir: Path) -> None:
+    from graftlm.train.trainer import recomputed_layers
+
+    model, _ = load_checkpoint(tiny_dir)
+    auto = TrainConfig(activation_mb=1.0)
+    assert recomputed_layers(model, 16, auto) == 0  # a small batch keeps everything
+    assert 0 < recomputed_layers(model, 1024, auto) <= 2
+    assert recomputed_layers(model, 10**6, auto) == 2  # never more than the model has
+    assert recomputed_layers(model, 16, TrainConfig(checkpoint_layers=-1)) == 2
+    assert recomputed_layers(model, 10**6, TrainConfig(checkpoint_layers=0)) == 0

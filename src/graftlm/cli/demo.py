@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -25,6 +26,9 @@ from graftlm.train.trainer import TrainConfig
 
 console = Console(highlight=False)
 log = logging.getLogger(__name__)
+
+# optimizer steps of a quick demo adapter: enough to beat the base model on its task in about a minute
+QUICK_STEPS = 24
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -52,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=48, help="test examples to score (default: 48)")
     p.add_argument("--no-adapter", action="store_true", help="only the base model part")
     p.add_argument("--no-serve", action="store_true", help="skip the serving part")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"train each adapter for its task's whole schedule (one epoch) instead of the first {QUICK_STEPS} "
+        "steps: better adapters, about half an hour on 2 cores (make demo-full)",
+    )
     p.set_defaults(run=run)
 
 
@@ -79,31 +89,35 @@ def base_part(model_name: str, max_tokens: int) -> None:
     console.print(f"\n[bold]batch of {len(prompts)}:[/] {total} tokens in {dt:.1f} s, {total / dt:.1f} tokens/s")
 
 
-def ensure_adapter(model_name: str, task_dir: Path, task: Task, out: Path) -> None:
-    """Train the task's adapter unless one trained on the same data and base model is already there."""
+def ensure_adapter(model_name: str, task_dir: Path, task: Task, out: Path, full: bool) -> None:
+    """Train the task's adapter unless one trained on the same data and base model (and at least as long)
+    is already there. Quick: the first `QUICK_STEPS` steps of the task's schedule; full: all of it."""
     train_file = task_dir / "train.jsonl"
     record = out / RECORD_FILE
     if record.is_file():
         r = json.loads(record.read_text())
         same_data = r["data"]["train"]["sha256"] == file_sha256(train_file)
         model, _, _ = catalog.load(model_name)
-        if same_data and r["base_model"]["fingerprint"] == model.fingerprint():
+        long_enough = not full or r["config"]["train"].get("max_steps", 0) == 0
+        if same_data and long_enough and r["base_model"]["fingerprint"] == model.fingerprint():
             console.print(f"reusing {out} (trained in {r['metrics']['seconds']:.0f} s on unchanged data)")
             return
-    console.print(f"training {out} on {train_file} (minutes: see benchmarks/README.md, example task adapters)")
-    train_adapter(
-        model_name, DataSpec(train_file, task_dir / "valid.jsonl"), out, LoraConfig(), TrainConfig(**task.train)
-    )  # type: ignore[arg-type]
+    config = TrainConfig(**task.train)  # type: ignore[arg-type]
+    if not full:
+        config = replace(config, max_steps=QUICK_STEPS, eval_every=0)
+    how = "its whole schedule" if full else f"{QUICK_STEPS} steps (--full: the whole schedule)"
+    console.print(f"training {out} on {train_file}, {how}")
+    train_adapter(model_name, DataSpec(train_file, task_dir / "valid.jsonl"), out, LoraConfig(), config)
 
 
-def adapter_part(model_name: str, task_dir: Path, out: Path, limit: int) -> None:
+def adapter_part(model_name: str, task_dir: Path, out: Path, limit: int, full: bool) -> None:
     test = task_dir / "test.jsonl"
     task = Task.beside(test)
     if task is None:
         console.print(f"[yellow]no example task at {task_dir}; skipping the adapter part[/]")
         return
     console.rule(f"task adapter: {task.name}")
-    ensure_adapter(model_name, task_dir, task, out)
+    ensure_adapter(model_name, task_dir, task, out, full)
     results = {}
     for label, adapter in (("base", None), ("adapter", out)):
         model, tok, _ = load_merged(model_name, adapter)
@@ -131,12 +145,12 @@ def run(args: argparse.Namespace) -> int:
     base_part(args.model, args.max_tokens)
     if args.no_adapter:
         return 0
-    adapter_part(args.model, args.examples / args.task, args.adapters / args.task, args.limit)
+    adapter_part(args.model, args.examples / args.task, args.adapters / args.task, args.limit, args.full)
     if args.no_serve:
         return 0
     tasks = example_tasks(args.examples)
     for name in tasks:  # the server shows every example adapter: train the ones still missing
         task_dir = args.examples / name
-        ensure_adapter(args.model, task_dir, Task.beside(task_dir / "test.jsonl"), args.adapters / name)
+        ensure_adapter(args.model, task_dir, Task.beside(task_dir / "test.jsonl"), args.adapters / name, args.full)
     serve_part(args.model, args.examples, args.adapters, tasks)
     return 0

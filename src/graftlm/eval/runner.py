@@ -7,12 +7,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.progress import Progress
-
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import ConfigError
 from graftlm.eval.metrics import METRICS
+from graftlm.progress import progress
 from graftlm.train.data import DataError, read_jsonl
 
 
@@ -75,13 +74,12 @@ def evaluate(
     params = SamplingParams(max_new_tokens=task.max_new_tokens)
     answers: dict[int, str] = {}
     t0 = time.perf_counter()
-    with Progress(transient=True) as bar:
-        job = bar.add_task(label, total=len(cases))
+    with progress(label, len(cases), "examples") as p:
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
             for i, out in zip(idx, gen.generate([prompts[i] for i in idx], params), strict=True):
                 answers[i] = out.text.strip()
-            bar.advance(job, len(idx))
+            p.advance(len(idx))
     scored = [(answers[i], ref, metric(answers[i], ref)) for i, (_, ref) in enumerate(cases)]
     return EvalResult(
         task.metric, sum(s for *_, s in scored) / len(scored), len(scored), time.perf_counter() - t0, scored

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from graftlm.model.config import LlamaConfig
 from graftlm.model.fingerprint import weights_fingerprint
@@ -229,6 +230,9 @@ class Llama(nn.Module):
             self.tie_head()
         self.rotary = RotaryTable(config)
         self._fingerprint: str | None = None
+        # training: the first `recompute` layers keep only their input for the backward pass and run again
+        # in it (activation checkpointing), trading time for memory that grows with the tokens of a batch
+        self.recompute = 0
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Keep the rotary tables (plain tensors, not buffers) on the model's device but in float32.
@@ -286,8 +290,10 @@ class Llama(nn.Module):
         """The last decoder layer's output [B, S, hidden], before the final norm (see `forward`)."""
         ctx = self.context(tokens, positions, cache, start, key_valid, adapters, attn_mask)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, ctx)
+        recompute = self.recompute if torch.is_grad_enabled() else 0
+        for i, layer in enumerate(self.layers):
+            # a recomputed layer keeps only its input; its activations are made again in the backward
+            x = checkpoint(layer, x, ctx, use_reentrant=False) if i < recompute else layer(x, ctx)
         return x
 
     def context(

@@ -34,7 +34,7 @@ def train_settings(a: AdapterSpec) -> tuple[LoraConfig, TrainConfig]:
         epochs=int(s.get("epochs", 1)),
         batch_size=int(s.get("batch", 8)),
         grad_accum=int(s.get("grad_accum", 1)),
-        max_length=int(s.get("max_length", 512)),
+        max_length=int(s["max_length"]) if "max_length" in s else None,  # None: auto, from the data
         warmup=float(s.get("warmup", 0.05)),
         seed=int(s.get("seed", 0)),
         max_steps=int(s.get("max_steps", 0)),
@@ -46,7 +46,7 @@ def train_settings(a: AdapterSpec) -> tuple[LoraConfig, TrainConfig]:
 
 def train(base: str, a: AdapterSpec, out: Path, init_from: Path | None) -> None:
     lora, config = train_settings(a)
-    data = DataSpec(a.train_file, a.valid_file, str(a.train.get("on_long", "truncate")))
+    data = DataSpec(a.train_file, a.valid_file, str(a.train.get("on_long", "truncate-prompt")))
     train_adapter(base, data, out, lora, config, init_from=init_from)
 
 

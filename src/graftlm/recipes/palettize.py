@@ -18,7 +18,7 @@ from graftlm.loading.checkpoint import is_palettized
 from graftlm.loading.palettized import save_palettized
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
-from graftlm.progress import bar
+from graftlm.progress import progress
 from graftlm.quant.palettize import PalettizeConfig, PalettizeError, candidates, palettize
 from graftlm.quant.plan import Plan
 from graftlm.quant.probe import KLProbe
@@ -115,9 +115,8 @@ def palettize_checkpoint(
         sequences, origin = _calibration_text(model, tokenizer, calibration)
     sensitivity = None
     if config.needs_calibration:
-        with bar() as progress:
-            task = progress.add_task("measuring sensitivity", total=len(sequences))
-            sensitivity = measure(model, sequences, lambda: progress.advance(task), gram=config.gptq)
+        with progress("measuring sensitivity", len(sequences), "sequences") as p:
+            sensitivity = measure(model, sequences, p.advance, gram=config.gptq)
         log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
     probe = None
     if calibration.kl_samples and len(config.choices) > 1:
@@ -128,9 +127,8 @@ def palettize_checkpoint(
     if teacher is not None and tuning.samples:
         seed = calibration.seed + 1_000  # not the self-written calibration text again
         tuning_text = written(model, tokenizer, tuning.samples, calibration.length, seed, "tuning")
-    with bar() as progress:
-        task = progress.add_task("k-means tables", total=candidates(model))
-        plan, record = palettize(model, config, sensitivity, lambda _: progress.advance(task), probe)
+    with progress("k-means tables", candidates(model), "weights") as p:
+        plan, record = palettize(model, config, sensitivity, lambda _: p.advance(), probe)
     del probe
     if teacher is not None:
         record["tuning"] = _tune(model, teacher, sequences, tuning_text, tuning, calibration, tokenizer.pad_id)

@@ -16,7 +16,7 @@ from graftlm.loading.catalog import load
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.peft_io import Adapter
 from graftlm.model.llama import Llama
-from graftlm.progress import bar
+from graftlm.progress import progress
 from graftlm.setting import setting
 from graftlm.train.distill import RecoveryRecord, as_examples, train_recovery
 from graftlm.train.eora import error_init
@@ -99,9 +99,8 @@ def _error_start(
     teacher: Llama, student: Llama, text: list[list[int]], lora: LoraConfig
 ) -> tuple[Adapter, dict[str, object]]:
     """The adapter that cancels most of the student's compression error on `text`'s inputs, and its record."""
-    with bar() as progress:
-        task = progress.add_task("measuring the student's inputs", total=len(text))
-        tensors, removed = error_init(teacher, student, text, lora, lambda: progress.advance(task))
+    with progress("measuring the student's inputs", len(text), "sequences") as p:
+        tensors, removed = error_init(teacher, student, text, lora, p.advance)
     log.info("the adapter starts from the compression error at rank %d: %.1f%% of it removed", lora.r, 100 * removed)
     record: dict[str, object] = {"method": "error", "sequences": len(text), "removed": removed}
     return Adapter(lora, tensors, student.fingerprint()), record

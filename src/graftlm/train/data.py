@@ -17,8 +17,7 @@ import torch
 
 from graftlm.errors import ConfigError, GraftlmError
 from graftlm.model.tokenizer import Message, Tokenizer
-
-ON_LONG = ("truncate", "reject")
+from graftlm.train.long import ON_LONG, LongReport, shorten_prompt, without_user_text
 
 
 class DataError(GraftlmError):
@@ -111,29 +110,85 @@ def encode_example(obj: dict[str, Any], tok: Tokenizer, where: str, use_chat: bo
     raise DataError(f"{where}: a line needs 'messages', 'prompt' and 'completion', or 'text' (got {sorted(obj)})")
 
 
-def load_examples(
-    path: Path, tok: Tokenizer, max_length: int, on_long: str = "truncate", use_chat: bool = True
-) -> list[Example]:
-    """Tokenize a JSONL file. Too-long examples are cut to `max_length` or rejected, as chosen."""
-    if on_long not in ON_LONG:
-        raise ConfigError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
+@dataclass(frozen=True)
+class Encoded:
+    """A line of a data file, tokenized whole."""
+
+    obj: dict[str, Any]
+    ids: list[int]
+    targets: list[bool]
+    where: str  # "file:line"
+
+
+def encode_file(path: Path, tok: Tokenizer, use_chat: bool = True) -> list[Encoded]:
+    """Every line of a JSONL file as token ids and targets, nothing cut yet."""
     out = []
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
-        ids, targets = encode_example(obj, tok, where, use_chat)
-        if len(ids) > max_length:
-            if on_long == "reject":
-                raise DataError(f"{where}: example has {len(ids)} tokens, more than max length {max_length}")
-            ids, targets = ids[:max_length], targets[:max_length]
-        # position 0 is never predicted: nothing comes before it
-        targets[0:1] = [False] * min(1, len(targets))
-        if not any(targets):
-            why = " after truncation to the max length" if len(ids) == max_length else ""
-            raise DataError(f"{where}: example has no completion tokens to learn from{why}")
-        out.append(Example(tuple(ids), tuple(targets), where))
+        out.append(Encoded(obj, *encode_example(obj, tok, where, use_chat), where))
     if not out:
         raise DataError(f"{path} has no examples")
     return out
+
+
+def fit_examples(
+    encoded: list[Encoded], tok: Tokenizer, limit: int, on_long: str = "truncate-prompt", use_chat: bool = True
+) -> tuple[list[Example], LongReport]:
+    """The examples within `limit` tokens, long ones treated as `on_long` says (see `graftlm.train.long`)."""
+    on_long = "truncate-end" if on_long == "truncate" else on_long  # the name it had before
+    if on_long not in ON_LONG:
+        raise ConfigError(f"on_long must be one of {', '.join(ON_LONG)}, got {on_long!r}")
+    report = LongReport(limit, examples=len(encoded))
+    out = []
+    for e in encoded:
+        ids, targets = e.ids, list(e.targets)
+        if len(ids) > limit:
+            fitted = _fit(e, tok, limit, on_long, use_chat, report)
+            if fitted is None:
+                continue
+            ids, targets = fitted
+        # position 0 is never predicted: nothing comes before it
+        targets[0:1] = [False] * min(1, len(targets))
+        if not any(targets):
+            why = " after truncation to the max length" if len(ids) == limit else ""
+            raise DataError(f"{e.where}: example has no completion tokens to learn from{why}")
+        out.append(Example(tuple(ids), tuple(targets), e.where))
+    if not out:
+        raise DataError(f"{encoded[0].where.rpartition(':')[0]} has no examples within {limit} tokens")
+    return out, report
+
+
+def _fit(
+    e: Encoded, tok: Tokenizer, limit: int, on_long: str, use_chat: bool, report: LongReport
+) -> tuple[list[int], list[bool]] | None:
+    """An over-long example made to fit (None: dropped)."""
+    if on_long == "reject":
+        raise DataError(f"{e.where}: example has {len(e.ids)} tokens, more than max length {limit}")
+    if on_long == "drop":
+        report.dropped += 1
+        return None
+    if on_long == "truncate-prompt":
+        encode = lambda obj: encode_example(obj, tok, e.where, use_chat)  # noqa: E731
+        shorter = shorten_prompt(e.obj, encode, limit)
+        if shorter is not None:
+            report.prompt_cut += 1
+            report.prompt_tokens += len(e.ids) - len(shorter[0])
+            return shorter
+        # no user text to cut, or the completion alone is too long: all the user text goes, then the end
+        report.completion_cut += 1
+        bare = without_user_text(e.obj)
+        ids, targets = encode(bare) if bare is not None else (e.ids, e.targets)
+        return ids[:limit], targets[:limit]
+    report.end_cut += 1
+    report.end_tokens += len(e.ids) - limit
+    return e.ids[:limit], e.targets[:limit]
+
+
+def load_examples(
+    path: Path, tok: Tokenizer, max_length: int, on_long: str = "truncate-prompt", use_chat: bool = True
+) -> list[Example]:
+    """Tokenize a JSONL file, each example within `max_length` tokens (see `fit_examples`)."""
+    return fit_examples(encode_file(path, tok, use_chat), tok, max_length, on_long, use_chat)[0]
 
 
 @dataclass

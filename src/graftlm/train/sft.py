@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,8 +16,10 @@ from graftlm.loading import catalog
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import WEIGHTS_FILE, read_adapter, save_adapter
+from graftlm.model.tokenizer import Tokenizer
 from graftlm.setting import setting
-from graftlm.train.data import load_examples
+from graftlm.train.data import Example, encode_file, fit_examples
+from graftlm.train.long import ON_LONG, LongReport, auto_limit
 from graftlm.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -28,10 +30,33 @@ RECORD_FILE = "training.json"
 class DataSpec:
     train: Path
     valid: Path | None = None
-    on_long: str = setting("truncate", "what to do with longer examples", choices=("truncate", "reject"))
+    on_long: str = setting(
+        "truncate-prompt",
+        "what an example longer than --max-length loses: the middle of its user text (truncate-prompt), its end "
+        "(truncate-end), or it is refused (reject) or left out (drop)",
+        choices=ON_LONG,
+    )
     chat: bool = setting(
         True, "prompt/completion lines without the chat template", flag="--raw"
     )  # with it (the default), they go through the model's chat template when it has one
+
+
+def _examples(
+    data: DataSpec, tok: Tokenizer, config: TrainConfig, context: int
+) -> tuple[list[Example], list[Example] | None, LongReport, TrainConfig]:
+    """The training and validation examples within one limit (chosen from the data when it is `auto`),
+    what the limit did to them, and the config with the limit it used."""
+    train_all = encode_file(data.train, tok, data.chat)
+    valid_all = encode_file(data.valid, tok, data.chat) if data.valid else None
+    limit = config.max_length
+    if limit is None:
+        limit, why = auto_limit([len(e.ids) for e in train_all], config.batch_size, context)
+        log.info(why)
+        config = replace(config, max_length=limit)
+    train, report = fit_examples(train_all, tok, limit, data.on_long, data.chat)
+    log.info(report.line())
+    valid = fit_examples(valid_all, tok, limit, data.on_long, data.chat)[0] if valid_all else None
+    return train, valid, report, config
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -52,8 +77,7 @@ def train_adapter(
     """Train and write one adapter; with `init_from` it starts from that adapter's weights and settings
     (`lora` is then ignored)."""
     model, tok, source = catalog.load(model_name)
-    train = load_examples(data.train, tok, config.max_length, data.on_long, data.chat)
-    valid = load_examples(data.valid, tok, config.max_length, data.on_long, data.chat) if data.valid else None
+    train, valid, report, config = _examples(data, tok, config, model.config.max_position_embeddings)
     log.info(
         "%d training examples (%d target tokens)%s",
         len(train),
@@ -79,6 +103,7 @@ def train_adapter(
                 else None
             ),
             "on_long": data.on_long,
+            "long": report.as_dict(),
             "chat": data.chat,
         },
         "config": trainer.config_record(),
@@ -92,6 +117,7 @@ def train_adapter(
             "tokens": result.tokens,
             "seconds": round(result.seconds, 2),
             "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
+            "peak_rss_mb": round(result.peak_rss_mb),
             "threads": torch.get_num_threads(),
         },
         "history": result.history,
@@ -107,11 +133,13 @@ def train_adapter(
     )
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     log.info(
-        "wrote %s: %d steps in %.0f s, train loss %.4f%s",
+        "wrote %s: %d steps in %.0f s (%.0f tokens/s), train loss %.4f%s; peak memory %.2f GB",
         out,
         result.steps,
         result.seconds,
+        result.tokens / max(result.seconds, 1e-9),
         result.train_loss,
         f", valid loss {result.valid_loss:.4f}" if result.valid_loss is not None else "",
+        result.peak_rss_mb / 1024,
     )
     return result

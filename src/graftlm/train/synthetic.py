@@ -17,7 +17,7 @@ from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import GraftlmError
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
-from graftlm.progress import bar
+from graftlm.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,5 @@ def self_generated(
 
 def written(model: Llama, tokenizer: Tokenizer, samples: int, length: int, seed: int, use: str) -> list[list[int]]:
     """`self_generated` under a progress bar naming what the text is for (`use`)."""
-    with bar() as b:
-        task = b.add_task(f"the model writes {use} text", total=samples)
-        return self_generated(model, tokenizer, samples, length, seed, lambda n: b.advance(task, n))
+    with progress(f"the model writes {use} text", samples, "texts") as p:
+        return self_generated(model, tokenizer, samples, length, seed, p.advance)
