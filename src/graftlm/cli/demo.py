@@ -27,7 +27,8 @@ from graftlm.train.trainer import TrainConfig
 console = Console(highlight=False)
 log = logging.getLogger(__name__)
 
-# optimizer steps of a quick demo adapter: enough to beat the base model on its task in about a minute
+# optimizer steps of a quick demo adapter: enough to beat the base model clearly on its task, and a
+# demo under 10 minutes on 2 cores (benchmarks/README.md, "Quick demo steps")
 QUICK_STEPS = 24
 
 PROMPTS = [
