@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from rich.table import Table
 from graftlm.loading import catalog
 from graftlm.model.tokenizer import Tokenizer
 from graftlm.train.data import Batch, bucketed_batches, collate, load_examples
+from graftlm.train.trainer import peak_rss_mb
 
 
 def batches(args: argparse.Namespace) -> list[Batch]:
@@ -127,7 +127,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.only:
         tps = (run_graftlm if args.only == "graftlm" else run_peft)(args)
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = peak_rss_mb()
         print(json.dumps({"tokens_per_s": tps, "peak_mb": peak_mb}))
         return
     # Shared hosts drift by 10-30% over minutes: alternate the sides and keep each one's best run.

@@ -38,7 +38,7 @@ from typing import Any
 from graftlm.errors import GraftlmError
 from graftlm.eval.metrics import METRICS
 from graftlm.registry.records import NAME, Ref
-from graftlm.train.long import ON_LONG
+from graftlm.train.long import OLD_NAMES, ON_LONG
 
 # Every metric scores in [0, 1] per example, so its mean does too.
 SCORE_RANGE = (0.0, 1.0)
@@ -268,7 +268,7 @@ def _settings(d: dict[str, Any], keys: dict[str, type], where: str) -> dict[str,
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise SpecError(f"{where}: {k} must be {want.__name__}, got {v!r}")
         out[k] = v
-    if out.get("on_long", "truncate-prompt") not in (*ON_LONG, "truncate"):
+    if out.get("on_long", "truncate-prompt") not in (*ON_LONG, *OLD_NAMES):
         raise SpecError(f"{where}: on_long is one of {', '.join(ON_LONG)}")
     return out
 

@@ -17,7 +17,7 @@ import torch
 
 from graftlm.errors import ConfigError, GraftlmError
 from graftlm.model.tokenizer import Message, Tokenizer
-from graftlm.train.long import ON_LONG, LongReport, shorten_prompt, without_user_text
+from graftlm.train.long import OLD_NAMES, ON_LONG, LongReport, shorten_prompt, without_user_text
 
 
 class DataError(GraftlmError):
@@ -135,7 +135,7 @@ def fit_examples(
     encoded: list[Encoded], tok: Tokenizer, limit: int, on_long: str = "truncate-prompt", use_chat: bool = True
 ) -> tuple[list[Example], LongReport]:
     """The examples within `limit` tokens, long ones treated as `on_long` says (see `graftlm.train.long`)."""
-    on_long = "truncate-end" if on_long == "truncate" else on_long  # the name it had before
+    on_long = OLD_NAMES.get(on_long, on_long)
     if on_long not in ON_LONG:
         raise ConfigError(f"on_long must be one of {', '.join(ON_LONG)}, got {on_long!r}")
     report = LongReport(limit, examples=len(encoded))

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 ON_LONG = ("truncate-prompt", "truncate-end", "reject", "drop")
+OLD_NAMES = {"truncate": "truncate-end"}  # what the choices were called before, still accepted
 MARKER = " [...] "
 AUTO_COVERAGE = 0.99  # `auto` fits this share of the examples whole
-TOKEN_BUDGET = 8192  # tokens per micro-batch `auto` stays within (batch 8 of 1024 trains in under 3 GB)
+TOKEN_BUDGET = 8192  # tokens per micro-batch `auto` stays within (8 x 1024: 2.5 GB, every layer recomputed)
 LENGTH_STEP = 64
 
-Encoded = tuple[list[int], list[bool]]
+Tokens = tuple[list[int], list[bool]]  # an example's ids and which of them are targets
 
 
 @dataclass
@@ -52,7 +53,7 @@ class LongReport:
         return f"of {self.examples} examples longer than {self.limit} tokens, " + "; ".join(parts)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items()}
+        return asdict(self)
 
 
 def auto_limit(lengths: list[int], batch_size: int, context: int) -> tuple[int, str]:
@@ -71,7 +72,7 @@ def auto_limit(lengths: list[int], batch_size: int, context: int) -> tuple[int, 
     return limit, f"max length auto: {limit} tokens ({why})"
 
 
-def shorten_prompt(obj: dict[str, Any], encode: Callable[[dict[str, Any]], Encoded], limit: int) -> Encoded | None:
+def shorten_prompt(obj: dict[str, Any], encode: Callable[[dict[str, Any]], Tokens], limit: int) -> Tokens | None:
     """The example with as much of the middle of its longest user text cut as it takes to fit `limit`;
     None when there is no user text to cut, or when even cutting all of it does not fit (the completion
     alone is too long)."""
