@@ -1,11 +1,14 @@
-"""Task metrics, each a function (prediction, reference) -> score in [0, 1]."""
+"""Task metrics, each a function (prediction, reference) -> score in [0, 1], and the grader that uses one."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from graftlm.eval.grade import Case, Grade, mean_score
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -71,3 +74,28 @@ METRICS: dict[str, Callable[[str, str], float]] = {
     "rouge_l": rouge_l,
     "json_field_f1": json_field_f1,
 }
+
+
+@dataclass(frozen=True)
+class MetricGrader:
+    """A task metric as a grader: the score is the metric against the case's reference answer."""
+
+    name: str
+
+    def grade(self, cases: Sequence[Case], outputs: Sequence[str]) -> list[Grade]:
+        metric = METRICS[self.name]
+        grades = []
+        for case, out in zip(cases, outputs, strict=True):
+            if case.reference is None:
+                grades.append(Grade.failure(f"{self.name} needs a reference answer and this example has none"))
+                continue
+            try:
+                score = metric(out, case.reference)
+            except (json.JSONDecodeError, TypeError) as e:  # a reference that is not JSON for json_field_f1
+                grades.append(Grade.failure(f"{self.name}: the reference cannot be scored: {e}"))
+                continue
+            grades.append(Grade(score, reasons=[f"{self.name} {score:.3f}"]))
+        return grades
+
+    def figures(self, grades: Sequence[Grade]) -> dict[str, float]:
+        return {self.name: mean_score(grades)}

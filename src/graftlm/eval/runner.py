@@ -1,4 +1,7 @@
-"""Run a model over a test file and score its answers with a task metric."""
+"""Test files, tasks and the single-model scoring loop the pipeline, the demo and the benchmarks use.
+
+`graftlm eval`'s many-model, many-grader run is `graftlm.eval.suite`; both read test files here.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import ConfigError
-from graftlm.eval.metrics import METRICS
+from graftlm.eval.checks import validate
+from graftlm.eval.grade import Case
+from graftlm.eval.metrics import METRICS, MetricGrader
 from graftlm.progress import progress
 from graftlm.train.data import DataError, read_jsonl
 
@@ -23,6 +29,8 @@ class Task:
     metric: str
     max_new_tokens: int = 64
     train: dict[str, float] = field(default_factory=dict)  # TrainConfig settings that suit the task
+    graders: tuple[str, ...] = ()  # graders `graftlm eval` runs when none is named (the metric is always one)
+    rubric: Path | None = None  # a rubric file for the judge, relative to task.json
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -33,8 +41,22 @@ class Task:
         path = data.parent / "task.json"
         if not path.is_file():
             return None
-        d = json.loads(path.read_text())
-        return cls(d.get("name", data.parent.name), d["metric"], int(d.get("max_new_tokens", 64)), d.get("train", {}))
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}: {e.msg}") from None
+        graders = d.get("graders", [])
+        if not isinstance(graders, list) or not all(isinstance(g, str) for g in graders):
+            raise ConfigError(f"{path}: graders must be a list of grader names")
+        rubric = path.parent / d["rubric"] if "rubric" in d else None
+        return cls(
+            d.get("name", data.parent.name),
+            d["metric"],
+            int(d.get("max_new_tokens", 64)),
+            d.get("train", {}),
+            tuple(graders),
+            rubric,
+        )
 
 
 @dataclass
@@ -46,19 +68,34 @@ class EvalResult:
     predictions: list[tuple[str, str, float]] = field(default_factory=list)  # (prediction, reference, score)
 
 
-def load_cases(path: Path, limit: int = 0) -> list[tuple[list[dict[str, str]], str]]:
-    """(messages before the last assistant turn, that turn's content) for every line."""
+def load_cases(path: Path, limit: int = 0, need_reference: bool = True) -> list[Case]:
+    """Every line of a test file as a case: chat `messages` ending with the reference answer (or without
+    one, when no grader needs it), or `prompt` and `completion`. Other keys (`checks`, `category`, ...) are
+    kept in `Case.fields`; checks are validated here, before any model runs."""
     cases = []
     for n, obj in read_jsonl(path):
+        reference: str | None
         if "messages" in obj:
             msgs = obj["messages"]
-            if not msgs or msgs[-1].get("role") != "assistant":
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+                raise DataError(f"{path}:{n}: 'messages' must be a list of chat turns")
+            has_answer = msgs[-1].get("role") == "assistant"
+            if need_reference and not has_answer:
                 raise DataError(f"{path}:{n}: an evaluation line must end with the assistant's reference answer")
-            cases.append(([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"]))
-        elif "prompt" in obj and "completion" in obj:
-            cases.append(([{"role": "user", "content": obj["prompt"]}], obj["completion"]))
+            turns = msgs[:-1] if has_answer else msgs
+            messages = [{"role": m["role"], "content": m["content"]} for m in turns]
+            reference = msgs[-1]["content"] if has_answer else None
+        elif "prompt" in obj and ("completion" in obj or not need_reference):
+            messages, reference = [{"role": "user", "content": obj["prompt"]}], obj.get("completion")
         else:
             raise DataError(f"{path}:{n}: an evaluation line needs 'messages' or 'prompt' and 'completion'")
+        fields: dict[str, Any] = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "completion")}
+        if "checks" in fields:
+            if not isinstance(fields["checks"], list):
+                raise DataError(f"{path}:{n}: 'checks' must be a list")
+            for c in fields["checks"]:
+                validate(c, f"{path}:{n}")
+        cases.append(Case(messages, reference, fields))
         if limit and len(cases) >= limit:
             break
     return cases
@@ -67,9 +104,9 @@ def load_cases(path: Path, limit: int = 0) -> list[tuple[list[dict[str, str]], s
 def evaluate(
     gen: Generator, path: Path, task: Task, batch_size: int = 16, limit: int = 0, label: str = "evaluating"
 ) -> EvalResult:
+    """One model's greedy answers to a test file, scored with the task metric."""
     cases = load_cases(path, limit)
-    metric = METRICS[task.metric]
-    prompts = [gen.tokenizer.encode_chat(msgs) for msgs, _ in cases]
+    prompts = [gen.tokenizer.encode_chat(c.messages) for c in cases]
     order = sorted(range(len(cases)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     params = SamplingParams(max_new_tokens=task.max_new_tokens)
     answers: dict[int, str] = {}
@@ -80,7 +117,9 @@ def evaluate(
             for i, out in zip(idx, gen.generate([prompts[i] for i in idx], params), strict=True):
                 answers[i] = out.text.strip()
             p.advance(len(idx))
-    scored = [(answers[i], ref, metric(answers[i], ref)) for i, (_, ref) in enumerate(cases)]
+    outputs = [answers[i] for i in range(len(cases))]
+    grades = MetricGrader(task.metric).grade(cases, outputs)
+    scored = [(o, c.reference or "", g.score) for o, c, g in zip(outputs, cases, grades, strict=True)]
     return EvalResult(
         task.metric, sum(s for *_, s in scored) / len(scored), len(scored), time.perf_counter() - t0, scored
     )

@@ -1,0 +1,100 @@
+"""Answers from many models at once: every (contestant, prompt) pair goes through one serving engine,
+which batches rows of different adapters together, so scoring a dozen adapters costs one pass.
+
+A contestant is the base model or the base with one adapter. Answers are greedy and, since the engine's
+per-row adapters compute the same function as the adapter merged into the weights, the same text the
+merged model gives (tests/engine check this), up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from graftlm.engine.adapter_finder import Source
+from graftlm.engine.engine import Engine, EngineConfig
+from graftlm.engine.request import Output
+from graftlm.engine.sampling import SamplingParams
+from graftlm.errors import ConfigError
+from graftlm.eval.grade import Case
+from graftlm.lora.peft_io import CONFIG_FILE
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
+from graftlm.progress import progress
+
+
+@dataclass(frozen=True)
+class Contestant:
+    label: str
+    adapter: Path | None = None  # None: the base model alone
+
+
+def adapter_rank(path: Path) -> int:
+    try:
+        return int(json.loads((path / CONFIG_FILE).read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not an adapter folder (no readable {CONFIG_FILE}: {e})") from None
+
+
+def build_engine(
+    model: Llama, tok: Tokenizer, contestants: Sequence[Contestant], max_batch: int = 32, force: bool = False
+) -> Engine:
+    """An engine able to hold every contestant's adapter at once, adapters kept in float32 (exact)."""
+    ranks = [adapter_rank(c.adapter) for c in contestants if c.adapter is not None]
+    config = EngineConfig(
+        max_batch=max_batch,
+        max_rank=max(ranks, default=8),
+        adapter_dtype="float32",
+        adapter_cache_mb=4096,
+        max_waiting=2**31,  # every answer is queued up front
+        max_queued_per_tenant=2**31,
+    )
+    return Engine(model, tok, config, force=force)
+
+
+def answer(
+    engine: Engine,
+    contestants: Sequence[Contestant],
+    sets: dict[str, Sequence[Case]],
+    max_new_tokens: dict[str, int],
+    label: str = "answering",
+) -> dict[str, dict[str, list[str]]]:
+    """answers[contestant label][set name][i]: every contestant's greedy answer to every case of every set.
+
+    Runs the engine loop on the calling thread (the fast place for it) until every answer is in; a request
+    that fails raises its error after the others finish.
+    """
+    out = {c.label: {s: [""] * len(cases) for s, cases in sets.items()} for c in contestants}
+    pending = [0]
+    errors: list[Exception] = []
+    total = len(contestants) * sum(len(c) for c in sets.values())
+    with progress(label, total, "answers") as bar:
+
+        def sink_for(c: Contestant, s: str, i: int):
+            parts: list[str] = []
+
+            def sink(o: Output) -> None:
+                parts.append(o.delta)
+                if o.error is not None:
+                    errors.append(o.error)
+                if o.finish_reason is not None or o.error is not None:
+                    out[c.label][s][i] = "".join(parts).strip()
+                    pending[0] -= 1
+                    bar.advance(1)
+
+            return sink
+
+        for k, c in enumerate(contestants):
+            adapters = [(Source(f"eval{k}-{c.adapter.name}", "", c.adapter), 1.0)] if c.adapter is not None else []
+            for s, cases in sets.items():
+                params = SamplingParams(max_new_tokens=max_new_tokens[s])
+                for i, case in enumerate(cases):
+                    prompt = engine.tokenizer.encode_chat(case.messages)
+                    engine.submit(prompt, params, adapters, sink_for(c, s, i))
+                    pending[0] += 1
+        engine.run_forever(until=lambda: pending[0] == 0)
+    if errors:
+        raise errors[0]
+    return out
