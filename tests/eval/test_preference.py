@@ -8,7 +8,7 @@ import pytest
 
 from graftlm.eval.grade import Case, wilson
 from graftlm.eval.judge import Judge, JudgeConfig
-from graftlm.eval.preference import Pair, SideBySide, combine, preference_figures, seen_from_model
+from graftlm.eval.preference import Pair, SideBySide, combine, metric_agreement, preference_figures, seen_from_model
 from tests.eval.judge_stub import StubJudge, user_text
 
 
@@ -75,3 +75,14 @@ def test_preference_figures_against_a_direct_count() -> None:
     assert (f["win_rate_low"], f["win_rate_high"]) == pytest.approx(wilson(7, 13))
     assert f["preference"] == pytest.approx(8 / 13)
     assert f["consistency"] == pytest.approx(10 / 12)  # the two position-following ties are inconsistent
+
+
+def test_agreement_with_a_metric_counts_each_asking_with_a_winner() -> None:
+    pairs = [
+        Pair("model", "model", "win"),  # metric prefers the model: 2 agreeing askings
+        Pair("model", "other", "tie"),  # metric prefers the other: 1 agrees, 1 does not
+        Pair("tie", "other", "loss"),  # equal metric scores: not counted
+        Pair("tie", "tie", "tie"),  # no winner: not counted
+    ]
+    agreement, asked = metric_agreement(pairs, [0.9, 0.1, 0.5, 0.2], [0.1, 0.8, 0.5, 0.3])
+    assert (agreement, asked) == (3 / 4, 4)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -111,6 +112,30 @@ def test_json_mode_output_is_json(client: openai.OpenAI) -> None:
     assert text.lstrip().startswith("{")
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
+
+
+def test_json_schema_mode_follows_the_schema(client: openai.OpenAI, server: tuple[str, object]) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"grade": {"enum": ["good", "poor"]}, "reason": {"type": "string", "maxLength": 20}},
+        "required": ["grade", "reason"],
+    }
+    r = client.chat.completions.create(
+        model="a0",
+        messages=[{"role": "user", "content": "Grade this"}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "g", "schema": schema, "strict": True}},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    bad = {"type": "json_schema", "json_schema": {"name": "g", "schema": {"type": "object", "properties": {"x": {}}}}}
+    with pytest.raises(openai.BadRequestError, match="property 'x': type None is not supported"):
+        client.chat.completions.create(model="a0", messages=[{"role": "user", "content": "x"}], response_format=bad)
+    with pytest.raises(openai.BadRequestError, match="json_schema is given exactly when"):
+        client.chat.completions.create(
+            model="a0", messages=[{"role": "user", "content": "x"}], response_format={"type": "json_schema"}
+        )
 
 
 def test_bad_requests_get_openai_errors(client: openai.OpenAI, server: tuple[str, object]) -> None:

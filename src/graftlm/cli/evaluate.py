@@ -15,11 +15,12 @@ from graftlm.cli.options import add_model
 from graftlm.engine.engine import Engine
 from graftlm.errors import GraftlmError
 from graftlm.eval.answers import Contestant, answer, build_engine
-from graftlm.eval.judge import Judge, JudgeConfig, JudgeUnavailableError
+from graftlm.eval.grade import Case
+from graftlm.eval.judge import JudgeConfig, JudgeUnavailableError
 from graftlm.eval.metrics import METRICS
-from graftlm.eval.runner import Task, load_cases
+from graftlm.eval.runner import Task
 from graftlm.eval.safety import PROMPTS
-from graftlm.eval.suite import GRADERS, HEADLINE, TEST, Plan, grade_all, load_sets, start
+from graftlm.eval.suite import GRADERS, HEADLINE, TEST, Plan, load_sets, run_suite
 from graftlm.loading import catalog
 from graftlm.lora.peft_io import CONFIG_FILE
 
@@ -119,24 +120,21 @@ def run(args: argparse.Namespace) -> int:
     task = Task.beside(args.data) if args.data is not None else None
     contestants, target, other_model = _contestants(args)
     plan = _plan(args, task, target)
-    sets = load_sets(plan, args.data, load_cases)
+    load_sets(plan, args.data)  # bad data or checks fail here, before a model loads
     model, tok, source = catalog.load(args.model)
     engine = build_engine(model, tok, contestants, args.batch, args.force)
-    max_new = {s: plan.max_new_tokens for s in sets} | ({"safety": 256} if "safety" in sets else {})
-    answers = answer(engine, contestants, sets, max_new)
-    if other_model is not None:
-        other, other_tok, _ = catalog.load(other_model)  # any model: only its answers are compared
-        answers |= answer(Engine(other, other_tok), [Contestant(other_model)], sets, max_new, "answering (compared)")
+
+    def other(sets: dict[str, list[Case]], max_new: dict[str, int]) -> dict[str, dict[str, list[str]]]:
+        m, t, _ = catalog.load(other_model)  # any model: only its answers are compared
+        return answer(Engine(m, t), [Contestant(other_model)], sets, max_new, "answering (compared)")
+
     meta = {
         "task": task.name if task else (args.data.stem if args.data else "safety"),
         "data": str(args.data) if args.data else None,
         "model": source.name,
-        "adapters": {c.label: str(c.adapter) if c.adapter else None for c in contestants},
     }
-    suite = start(plan, sets, list(answers), meta, args.out)
-    judge = Judge(plan.judge) if plan.judge is not None else None
     try:
-        doc = grade_all(suite, plan, sets, answers, judge, lambda m: console.print(f"[dim]{m}[/]"))
+        doc = run_suite(engine, contestants, plan, args.data, meta, args.out, other if other_model else None, _announce)
     except JudgeUnavailableError:
         if args.out is not None:
             console.print(f"[yellow]the results graded so far are in {args.out}[/]", soft_wrap=True)
@@ -145,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         console.print(f"every answer, grade and reason: {args.out}", soft_wrap=True)
     return 0
+
+
+def _announce(message: str) -> None:
+    console.print(f"[dim]{message}[/]")
 
 
 def _figure(name: str, f: dict[str, float]) -> str:
@@ -167,14 +169,15 @@ def _show(doc: dict[str, Any], show: int) -> None:
     console.print(table)
     if doc["comparisons"]:
         sbs = Table(title="side by side (each pair judged twice, positions swapped; 95% intervals)")
-        for col in ("model", "against", "win", "tie", "loss", "judge consistent", "unjudged"):
+        for col in ("model", "against", "win", "tie", "loss", "same after swap", "agrees with metric", "unjudged"):
             sbs.add_column(col, justify="left" if col in ("model", "against") else "right")
         for cmp in doc["comparisons"]:
             f = cmp["figures"]
             cells = [
                 f"{f[k]:.2f} [{f[k + '_low']:.2f}, {f[k + '_high']:.2f}]" for k in ("win_rate", "tie_rate", "loss_rate")
             ]
-            sbs.add_row(cmp["model"], cmp["other"], *cells, f"{f['consistency']:.2f}", f"{f['failed_rate']:.2f}")
+            agree = f"{f['metric_agreement']:.2f} of {f['metric_agreement_n']:.0f}" if "metric_agreement" in f else "-"
+            sbs.add_row(cmp["model"], cmp["other"], *cells, f"{f['consistency']:.2f}", agree, f"{f['failed_rate']:.2f}")
         console.print(sbs)
     for label, c in doc["contestants"].items():
         for i, text in enumerate(c["answers"].get(TEST, [])[:show]):

@@ -21,6 +21,7 @@ from graftlm.cli import (
     pipeline,
     recover,
     registry,
+    report,
     serve,
     train,
 )
@@ -28,7 +29,7 @@ from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
 
-COMMANDS = (generate, chat, train, evaluate, merge, palettize, recover, registry, pipeline, serve, info, demo)
+COMMANDS = (generate, chat, train, evaluate, report, merge, palettize, recover, registry, pipeline, serve, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def _configure_logging(level: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", handlers=[handler])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request is noise
 
 
 def main(argv: list[str] | None = None) -> int:

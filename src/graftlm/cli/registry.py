@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from graftlm.cli.verbs import Verbs
+from graftlm.eval.report import read_run
+from graftlm.eval.suite import flat_figures
 from graftlm.registry import PROD, Registry, signing
 from graftlm.registry.bundle import add_bundle, check_bundle, export
-from graftlm.registry.records import RegistryError, Version, diff
+from graftlm.registry.records import EVALUATION_FILE, RegistryError, Version, diff
 
 console = Console(highlight=False)
 DEFAULT_ROOT = "registry"
@@ -50,6 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--alias", action="append", default=[], help="point this alias at the new version (repeatable)")
     v.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE", help="record a metric (repeatable)")
     v.add_argument("--note", default="", help="a line about this version")
+    v.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        metavar="EVAL.json",
+        help="store this evaluation (graftlm eval --out) with the version; its figures become metrics",
+    )
+    v.add_argument("--eval-model", default=None, metavar="LABEL", help="whose figures, when it grades several")
 
     v = verb("list", "list adapters, or one adapter's versions", _list)
     v.add_argument("name", nargs="?", default=None)
@@ -117,10 +127,28 @@ def _metric_pairs(pairs: list[str]) -> dict[str, Any]:
 def _publish(args: argparse.Namespace) -> int:
     reg = _open(args, create=True)
     name = args.name or args.folder.resolve().name
-    v = reg.publish(args.folder, name, metrics=_metric_pairs(args.metric), note=args.note, aliases=args.alias)
+    metrics = _metric_pairs(args.metric)
+    if args.eval is not None:
+        metrics = _eval_figures(args.eval, args.folder, args.eval_model) | metrics
+    v = reg.publish(args.folder, name, metrics=metrics, note=args.note, aliases=args.alias, evaluation=args.eval)
     aliases = f" ({', '.join(args.alias)})" if args.alias else ""
     console.print(f"published [bold]{v.ref}[/]{aliases}: {len(v.files)} files, {v.nbytes / 2**20:.1f} MiB")
     return 0
+
+
+def _eval_figures(path: Path, folder: Path, label: str | None) -> dict[str, Any]:
+    """The figures of the graded model that is this adapter folder (or `label`) in an evaluation."""
+    doc = read_run(path).doc
+    if label is None:
+        here = folder.resolve()
+        found = [k for k, p in doc.get("adapters", {}).items() if p is not None and Path(p).resolve() == here]
+        if len(found) != 1:
+            graded = ", ".join(doc["contestants"])
+            raise RegistryError(f"{path} does not grade {folder} (it grades {graded}); name one with --eval-model")
+        label = found[0]
+    if label not in doc["contestants"]:
+        raise RegistryError(f"{path} grades no model {label!r}; it grades {', '.join(doc['contestants'])}")
+    return {k: v for k, v in flat_figures(doc, label).items() if "." not in k}
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -156,6 +184,16 @@ def _show(args: argparse.Namespace) -> int:
         console.print(f"  {rel:32} {f.size:>12,} B  {f.sha256[:16]}")
     console.print("lineage: " + json.dumps(v.lineage, indent=2))
     console.print("metrics: " + json.dumps(v.metrics, indent=2))
+    doc = reg.evaluation(v)
+    if doc is not None:
+        when = f"{doc.get('created')}, judge {doc['judge']['model']}" if doc.get("judge") else doc.get("created")
+        console.print(f"evaluation ({EVALUATION_FILE}, {when}; graftlm report --adapter {v.name} draws it):")
+        for label, c in doc.get("contestants", {}).items():
+            for name, g in c.get("graders", {}).items():
+                shown = ", ".join(
+                    f"{k}={_short(x)}" for k, x in g.get("figures", {}).items() if not k.endswith(("_low", "_high"))
+                )
+                console.print(f"  {label} {name}: {shown}", soft_wrap=True)
     return 0
 
 

@@ -24,13 +24,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from graftlm.engine.adapter_cache import AdapterCache
 from graftlm.engine.adapter_finder import AdapterFinder, Source
 from graftlm.engine.admission import Placed
-from graftlm.engine.json_mode import JsonConstraint, JsonVocab
+from graftlm.engine.json_mode import JSON_OBJECT, JsonConstraint, JsonVocab
+from graftlm.engine.json_schema import compile_schema
 from graftlm.engine.kv_cache import RowKVCache
 from graftlm.engine.request import Output, Request
 from graftlm.engine.runner import ModelRunner, finite_rows
@@ -127,11 +129,13 @@ class Engine:
         adapters: Sequence[tuple[Source, float]] = (),
         sink: Callable[[Output], None] | None = None,
         json_mode: bool = False,
+        json_schema: dict[str, Any] | None = None,
         tenant: str = "",
     ) -> Request:
         """Queue a request; its outputs go to `sink` (called on the engine thread), see `run`.
 
-        json_mode: constrain the output to a valid JSON object (see `graftlm.engine.json_mode`).
+        json_mode: constrain the output to a valid JSON object (see `graftlm.engine.json_mode`);
+        json_schema: to an object of this schema (see `graftlm.engine.json_schema`; SchemaError if unsupported).
         tenant: who asks; tenants share the rows fairly (see `graftlm.engine.admission`).
         """
         check_prompt(prompt, self.max_len, "this server's context")
@@ -140,7 +144,8 @@ class Engine:
                 raise ConfigError(
                     f"adapter {src.key} has weight {w}: a weight is a finite number within ±{MAX_ADAPTER_WEIGHT:g}"
                 )
-        req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), json_mode=json_mode)
+        grammar = compile_schema(json_schema) if json_schema is not None else JSON_OBJECT if json_mode else None
+        req = Request(list(prompt), params, list(adapters), sink or (lambda o: None), grammar=grammar)
         req.tenant = tenant
         with self._cond:
             if self.queue_depth >= self.config.max_waiting:
@@ -289,7 +294,7 @@ class Engine:
                 names = ", ".join(e.source.key for e in entries if e.use_dora)
                 raise AdapterError(f"DoRA adapters ({names}) cannot be combined with others")
             budget = min(req.params.max_new_tokens, self.max_len - len(req.prompt))
-            constraint = JsonConstraint(self._json_vocab()) if req.json_mode else None
+            constraint = JsonConstraint(self._json_vocab(), req.grammar) if req.grammar is not None else None
             req.decoding = Decoding(req.params, self.tokenizer, self.stop_ids, budget, self.device, constraint)
         except Exception as e:
             self._finish(req, error=e)  # releases its adapters

@@ -8,7 +8,9 @@ wholesale inside strings, every other candidate is checked character by characte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -130,6 +132,51 @@ def _plain(text: str) -> bool:
     return all(c not in '"\\' and ord(c) >= 0x20 for c in text)
 
 
+class Grammar(Protocol):
+    """What a constraint follows: states advanced one character at a time (this module's JSON object, or
+    `graftlm.engine.json_schema`'s schema). Grammars and their states are hashable: masks are cached."""
+
+    start: Hashable
+
+    def step(self, state: Any, ch: str) -> Any | None:
+        """The state after `ch`, or None if `ch` is not allowed there."""
+        ...
+
+    def string_room(self, state: Any) -> int | None:
+        """Inside a free JSON string: how many more plain characters may follow (else None)."""
+        ...
+
+    def done(self, state: Any) -> bool:
+        """The output is complete: only the end of the sequence may follow."""
+        ...
+
+    def key(self, state: Any, longest: int) -> Hashable:
+        """What the allowed tokens depend on (`longest`: the longest token text), for the mask cache."""
+        ...
+
+
+class JsonObject:
+    """Any JSON object (`response_format: {"type": "json_object"}`)."""
+
+    start: State = START
+
+    def step(self, state: State, ch: str) -> State | None:
+        return step(state, ch)
+
+    def string_room(self, state: State) -> int | None:
+        return UNBOUNDED if state[1] == STRING else None
+
+    def done(self, state: State) -> bool:
+        return state[1] == DONE
+
+    def key(self, state: State, longest: int) -> Hashable:
+        return state
+
+
+UNBOUNDED = 1 << 30
+JSON_OBJECT = JsonObject()
+
+
 class JsonVocab:
     """Per-tokenizer tables, built once: each token's text, and which are plain string characters."""
 
@@ -140,62 +187,70 @@ class JsonVocab:
         usable = [bool(t) and "\ufffd" not in t for t in self.texts]
         self.plain = torch.zeros(vocab_size, dtype=torch.bool)
         self.plain[:n] = torch.tensor([u and _plain(t) for u, t in zip(usable, self.texts, strict=True)])
+        self.plain_len = torch.full((vocab_size,), UNBOUNDED, dtype=torch.int64)  # [V] characters of plain tokens
+        self.plain_len[:n] = torch.tensor([len(t) for t in self.texts])
+        self.longest = max((len(t) for t in self.texts), default=0)
         self.others = [i for i in range(n) if usable[i] and not self.plain[i]]  # hold '"', '\\' or controls
         self.by_first: dict[str, list[int]] = {}
         for i in range(n):
             if usable[i]:
                 self.by_first.setdefault(self.texts[i][0], []).append(i)
         self.stop_ids = sorted(s for s in stop_ids if s < vocab_size)
-        self._masks: dict[State, torch.Tensor] = {}
+        self._masks: dict[tuple[Hashable, Hashable], torch.Tensor] = {}
+        self._lock = threading.Lock()
 
-    def mask(self, state: State) -> torch.Tensor:
-        """Allowed next tokens [V] bool for `state` (cached per state)."""
-        m = self._masks.get(state)
+    def mask(self, state: Any, grammar: Grammar = JSON_OBJECT) -> torch.Tensor:
+        """Allowed next tokens [V] bool for `state` (cached per grammar and state)."""
+        key = (grammar, grammar.key(state, self.longest))
+        m = self._masks.get(key)
         if m is None:
-            m = self._build(state)
-            if len(self._masks) < 8192:
-                self._masks[state] = m
+            m = self._build(state, grammar)
+            with self._lock:
+                if len(self._masks) >= 8192:
+                    self._masks.clear()  # many schemas over a long life: start again rather than grow
+                self._masks[key] = m
         return m
 
-    def _build(self, state: State) -> torch.Tensor:
+    def _build(self, state: Any, grammar: Grammar) -> torch.Tensor:
         m = torch.zeros(self.size, dtype=torch.bool)
-        if state[1] == DONE:
+        if grammar.done(state):
             m[self.stop_ids] = True
             return m
-        if state[1] == STRING:
-            m |= self.plain
+        room = grammar.string_room(state)
+        if room is not None:
+            m |= self.plain & (self.plain_len <= room)
             candidates: Sequence[int] = self.others
         else:
-            candidates = [i for ch, ids in self.by_first.items() if step(state, ch) is not None for i in ids]
-        ok = [i for i in candidates if self.advance(state, i) is not None]
+            candidates = [i for ch, ids in self.by_first.items() if grammar.step(state, ch) is not None for i in ids]
+        ok = [i for i in candidates if self.advance(state, i, grammar) is not None]
         if ok:
             m[ok] = True
         if not m.any():  # cannot happen for valid states; never leave a row without a choice
             m[self.stop_ids] = True
         return m
 
-    def advance(self, state: State, token: int) -> State | None:
-        s: State | None = state
+    def advance(self, state: Any, token: int, grammar: Grammar = JSON_OBJECT) -> Any | None:
+        s = state
         for ch in self.texts[token] if token < len(self.texts) else "\ufffd":
-            s = step(s, ch)  # type: ignore[arg-type]
+            s = grammar.step(s, ch)
             if s is None:
                 return None
         return s
 
 
 class JsonConstraint:
-    """One sequence's position in the grammar."""
+    """One sequence's position in its grammar."""
 
-    def __init__(self, vocab: JsonVocab):
-        self.vocab = vocab
-        self.state: State = START
+    def __init__(self, vocab: JsonVocab, grammar: Grammar = JSON_OBJECT):
+        self.vocab, self.grammar = vocab, grammar
+        self.state: Any = grammar.start
 
     def allowed(self) -> torch.Tensor:
-        return self.vocab.mask(self.state)
+        return self.vocab.mask(self.state, self.grammar)
 
     def advance(self, token: int) -> None:
         if token in self.vocab.stop_ids:
             return
-        nxt = self.vocab.advance(self.state, token)
+        nxt = self.vocab.advance(self.state, token, self.grammar)
         if nxt is not None:
             self.state = nxt

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from graftlm.engine.adapter_cache import Entry
 from graftlm.engine.adapter_finder import Source
+from graftlm.engine.json_mode import Grammar
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.sequence import Decoding
 
@@ -30,7 +31,7 @@ class Request:
     finished_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
-    json_mode: bool = False
+    grammar: Grammar | None = None  # what the output must follow (JSON mode, a JSON schema); None: free text
     tenant: str = ""  # who asked (an API key's tenant): rows are shared fairly between tenants
     # engine-side state
     decoding: Decoding | None = None

@@ -29,6 +29,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 FENCE = re.compile(r"^```(?:json)?\s*\n(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
 RESPONSE_FORMATS = ("json_schema", "json_object", "none")
+TEXT_CHARS = 400  # a reason longer than this is cut by the schema (a small judge rambles until max_tokens)
 
 
 class JudgeUnavailableError(GraftlmError):
@@ -58,7 +59,7 @@ class JudgeConfig:
     reply_tries: int = setting(3, "asks per judgment when its reply does not parse", flag="--judge-reply-tries")
     max_tokens: int = setting(256, "most tokens in one judge reply", flag="--judge-max-tokens")
     response_format: str = setting(
-        "json_object",
+        "json_schema",
         "how to ask for JSON: json_schema (structured output), json_object (JSON mode) or none (the prompt only)",
         choices=RESPONSE_FORMATS,
         flag="--judge-format",
@@ -88,7 +89,7 @@ class Reply:
 
     def json_schema(self) -> dict[str, Any]:
         props: dict[str, Any] = {k: {"type": "string", "enum": list(v)} for k, v in self.verdicts.items()}
-        props |= {k: {"type": "string"} for k in self.text}
+        props |= {k: {"type": "string", "maxLength": TEXT_CHARS} for k in self.text}
         return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
     def example(self) -> str:
@@ -211,7 +212,12 @@ class Judge:
                 elif r.status_code == 429 or r.status_code >= 500:
                     last = f"HTTP {r.status_code}: {r.text[:200]}"
                 else:
-                    raise JudgeUnavailableError(f"{where} refused the request: HTTP {r.status_code}: {r.text[:300]}")
+                    hint = ""
+                    if r.status_code == 400 and self.config.response_format == "json_schema":
+                        hint = " (an endpoint without structured output takes --judge-format json_object)"
+                    raise JudgeUnavailableError(
+                        f"{where} refused the request: HTTP {r.status_code}: {r.text[:300]}{hint}"
+                    )
             if attempt < self.config.tries:
                 log.warning("%s: %s; retrying in %.1f s (try %d of %d)", where, last, wait, attempt, self.config.tries)
                 self.sleep(wait)

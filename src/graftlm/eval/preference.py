@@ -111,3 +111,17 @@ def preference_figures(pairs: Sequence[Pair]) -> dict[str, float]:
         "failed_rate": count["failed"] / n if n else 0.0,
         "pairs": float(n),
     }
+
+
+def metric_agreement(pairs: Sequence[Pair], model: Sequence[float], other: Sequence[float]) -> tuple[float, int]:
+    """How often a verdict picks the answer a task metric scores higher: the share of askings, among
+    those with a winner and unequal metric scores, that agree; and how many such askings there were."""
+    agree = asked = 0
+    for p, m, o in zip(pairs, model, other, strict=True):
+        if m == o:
+            continue
+        for verdict in (p.first, p.second):
+            if verdict in ("model", "other"):
+                asked += 1
+                agree += (verdict == "model") == (m > o)
+    return (agree / asked if asked else 0.0), asked

@@ -17,19 +17,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from graftlm.engine.engine import Engine
 from graftlm.errors import ConfigError
+from graftlm.eval.answers import Contestant, answer
 from graftlm.eval.checks import InstructionGrader
 from graftlm.eval.grade import Case, Grader
 from graftlm.eval.judge import Judge, JudgeConfig, JudgeUnavailableError, PartialResults
 from graftlm.eval.metrics import METRICS, MetricGrader
-from graftlm.eval.preference import SideBySide, preference_figures
+from graftlm.eval.preference import SideBySide, metric_agreement, preference_figures
 from graftlm.eval.rubric import BUILT_IN, RubricGrader, load_rubric
+from graftlm.eval.runner import load_cases
 from graftlm.eval.safety import PROMPTS, SafetyGrader, load_prompts
 from graftlm.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT = "graftlm-eval/1"
 TEST, SAFETY = "test", "safety"
+SAFETY_TOKENS = 256  # room for an answer that complies, so that the judge sees what it would say
 JUDGED = ("rubric", "safety")
 GRADERS = (*METRICS, "instructions", *JUDGED)
 # the figure a summary table shows first for each grader
@@ -167,7 +171,7 @@ def grade_all(
                 except PartialResults as e:
                     entry["pairs"] = [p.as_dict() for p in e.results]
                     raise
-                entry["figures"] = preference_figures(pairs)
+                entry["figures"] = preference_figures(pairs) | _agreement(suite, label, plan.compare, pairs)
                 entry["pairs"] = [p.as_dict() for p in pairs]
                 suite.save()
     except JudgeUnavailableError as e:
@@ -177,22 +181,72 @@ def grade_all(
     return suite.doc
 
 
-def load_sets(
-    plan: Plan, data: Path | None, load_test: Callable[[Path, int, bool], list[Case]]
-) -> dict[str, list[Case]]:
+def _agreement(suite: Suite, model: str, other: str, pairs: list) -> dict[str, float]:
+    """The judge's agreement with the first task metric graded, when one was (how far to trust it)."""
+    graded = suite.doc["contestants"]
+    metric = next((n for n in graded[model]["graders"] if n in METRICS and n in graded[other]["graders"]), None)
+    if metric is None:
+        return {}
+    scores = [[g["score"] for g in graded[who]["graders"][metric]["grades"]] for who in (model, other)]
+    agreement, asked = metric_agreement(pairs, *scores)
+    return {"metric_agreement": agreement, "metric_agreement_n": float(asked)}
+
+
+def load_sets(plan: Plan, data: Path | None) -> dict[str, list[Case]]:
     """The test set (when the plan grades it) and the safety prompts (when it has the safety grader)."""
     sets: dict[str, list[Case]] = {}
     test_graders = [g for g in plan.graders if g != "safety"] or list(plan.rubrics) or plan.compare
     if test_graders:
         if data is None:
             raise ConfigError("these graders grade a test file: pass --data")
-        sets[TEST] = load_test(data, plan.limit, any(g in METRICS for g in plan.graders))
+        sets[TEST] = load_cases(data, plan.limit, any(g in METRICS for g in plan.graders))
     if "safety" in plan.graders:
         prompts = load_prompts(plan.safety_prompts)
         sets[SAFETY] = prompts[: plan.limit] if plan.limit else prompts
     return sets
 
 
+def run_suite(
+    engine: Engine,
+    contestants: Sequence[Contestant],
+    plan: Plan,
+    data: Path | None,
+    meta: dict[str, Any],
+    out: Path | None = None,
+    more: Callable[[dict[str, list[Case]], dict[str, int]], dict[str, dict[str, list[str]]]] | None = None,
+    announce: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Load the sets, answer them with every contestant in one engine pass (and `more`, answers from
+    elsewhere such as another base model), grade everything; the evaluation document."""
+    sets = load_sets(plan, data)
+    max_new = {s: plan.max_new_tokens for s in sets} | ({SAFETY: SAFETY_TOKENS} if SAFETY in sets else {})
+    answers = answer(engine, contestants, sets, max_new)
+    if more is not None:
+        answers |= more(sets, max_new)
+    meta = meta | {"adapters": {c.label: str(c.adapter) if c.adapter else None for c in contestants}}
+    suite = start(plan, sets, list(answers), meta, out)
+    judge = Judge(plan.judge) if plan.judge is not None else None
+    return grade_all(suite, plan, sets, answers, judge, announce)
+
+
 def headline(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, float]]]:
     """(contestant, grader, figures) in the document's order, for tables."""
     return [(label, name, g["figures"]) for label, c in doc["contestants"].items() for name, g in c["graders"].items()]
+
+
+def flat_figures(doc: dict[str, Any], label: str) -> dict[str, float]:
+    """One contestant's figures by name, for gates and registry metrics: `grader.figure` always, the bare
+    `figure` where no other grader has one of that name, and `figure_vs_OTHER` for each side by side."""
+    graders = doc["contestants"][label]["graders"]
+    out: dict[str, float] = {}
+    seen: dict[str, int] = {}
+    for name, g in graders.items():
+        for k, v in g["figures"].items():
+            out[f"{name}.{k}"] = v
+            seen[k] = seen.get(k, 0) + 1
+    for g in graders.values():
+        out |= {k: v for k, v in g["figures"].items() if seen[k] == 1}
+    for cmp in doc["comparisons"]:
+        if cmp["model"] == label:
+            out |= {f"{k}_vs_{cmp['other']}": v for k, v in cmp["figures"].items()}
+    return out

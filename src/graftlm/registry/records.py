@@ -22,6 +22,7 @@ MAX_PATH = 1024  # characters in a file path inside an adapter folder
 MAX_PART = 255  # bytes in one part of it, as most file systems allow
 TRAINING_RECORD = "training.json"
 REQUIRED = (CONFIG_FILE, WEIGHTS_FILE)  # the files every adapter version holds
+EVALUATION_FILE = "evaluation.json"  # a version's full evaluation (`graftlm eval --out`), beside its metrics
 
 
 class RegistryError(GraftlmError):

@@ -15,6 +15,7 @@ only once all its files are, and an alias can only point at a complete version.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import sqlite3
@@ -29,6 +30,7 @@ from typing import Any
 from graftlm.registry import index
 from graftlm.registry.blobs import BlobStore
 from graftlm.registry.records import (
+    EVALUATION_FILE,
     REQUIRED,
     FileEntry,
     Ref,
@@ -92,13 +94,18 @@ class Registry:
         metrics: dict[str, Any] | None = None,
         note: str = "",
         aliases: Iterable[str] = (),
+        evaluation: Path | None = None,
     ) -> Version:
         """Store an adapter folder as the next version of `name`, and point `aliases` at it in the same
         transaction. Lineage is read from the folder (base fingerprint, training record) and `lineage`
-        adds to it."""
+        adds to it; `evaluation`, a `graftlm eval --out` document, is stored with it as EVALUATION_FILE."""
         check_name(name, "publish")
         aliases = [check_alias(a, "publish") for a in aliases]
         paths = _adapter_files(Path(folder))
+        if evaluation is not None:
+            if not Path(evaluation).is_file():
+                raise RegistryError(f"evaluation {evaluation} is not a file")
+            paths[EVALUATION_FILE] = Path(evaluation)
         merged = lineage_of(Path(folder)) | (lineage or {})
         with self.writing():
             files = {rel: FileEntry(*self.blobs.put(p)) for rel, p in paths.items()}
@@ -128,6 +135,19 @@ class Registry:
                     raise RegistryError(f"no adapter named {r.name!r} in the registry" + self._names_hint(db))
                 raise RegistryError(f"{r.name} has no version {number} (latest is {index.latest(db, r.name)})")
             return v
+
+    def evaluation(self, v: Version) -> dict[str, Any] | None:
+        """The evaluation document stored with a version (`graftlm eval --out`), or None if it has none."""
+        entry = v.files.get(EVALUATION_FILE)
+        if entry is None:
+            return None
+        try:
+            doc = json.loads(self.blobs.path(entry.sha256).read_text())
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"{v.ref}: its {EVALUATION_FILE} cannot be read: {e}") from None
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{v.ref}: its {EVALUATION_FILE} is not a JSON object")
+        return doc
 
     def versions(self, name: str | None = None) -> list[Version]:
         with self.db() as db:

@@ -22,7 +22,7 @@ from graftlm.engine.request import Request as EngineRequest
 from graftlm.engine.sampling import SamplingParams
 from graftlm.server.auth import Principal
 from graftlm.server.errors import ApiError, as_api_error
-from graftlm.server.schemas import ChatCompletionRequest, CompletionRequest, Sampling
+from graftlm.server.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, Sampling
 from graftlm.server.state import Caller, Server, ServerDep
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
     _check_choices(server, 1, body.n)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
     prompt = await asyncio.to_thread(tok.encode_chat, messages)  # off the event loop: other clients go on
-    json_mode = body.response_format is not None and body.response_format.type == "json_object"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(Call(server, who, body, request, chat=True), [prompt], max_tokens, json_mode)
+    return await _respond(Call(server, who, body, request, chat=True), [prompt], max_tokens, body.response_format)
 
 
 @router.post("/v1/completions")
@@ -53,7 +52,7 @@ async def completions(body: CompletionRequest, request: Request, server: ServerD
     _check_choices(server, len(texts), body.n)
     tok = server.engine.tokenizer
     prompts = await asyncio.to_thread(lambda: [tok.encode(t) for t in texts])
-    return await _respond(Call(server, who, body, request, chat=False), prompts, body.max_tokens, False)
+    return await _respond(Call(server, who, body, request, chat=False), prompts, body.max_tokens)
 
 
 def _check_choices(server: Server, prompts: int, n: int) -> None:
@@ -87,7 +86,9 @@ class Job:
     queue: asyncio.Queue[Output]
 
 
-async def _respond(call: Call, prompts: list[list[int]], max_tokens: int | None, json_mode: bool) -> Any:
+async def _respond(
+    call: Call, prompts: list[list[int]], max_tokens: int | None, fmt: ResponseFormat | None = None
+) -> Any:
     body = call.body
     jobs: list[Job] = []
     try:
@@ -96,7 +97,7 @@ async def _respond(call: Call, prompts: list[list[int]], max_tokens: int | None,
         for p_i, prompt in enumerate(prompts):
             for k in range(body.n):
                 params = _params(body, max_tokens, k, stop)
-                jobs.append(Job(p_i * body.n + k, prompt, *_submit(call, prompt, params, adapters, json_mode)))
+                jobs.append(Job(p_i * body.n + k, prompt, *_submit(call, prompt, params, adapters, fmt)))
     except Exception as e:
         _cancel(jobs)
         raise as_api_error(e, body.model) from e
@@ -126,7 +127,11 @@ def _params(body: Sampling, max_tokens: int | None, index: int, stop: tuple[str,
 
 
 def _submit(
-    call: Call, prompt: list[int], params: SamplingParams, adapters: list[tuple[Source, float]], json_mode: bool
+    call: Call,
+    prompt: list[int],
+    params: SamplingParams,
+    adapters: list[tuple[Source, float]],
+    fmt: ResponseFormat | None,
 ) -> tuple[EngineRequest, asyncio.Queue[Output]]:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[Output] = asyncio.Queue()
@@ -136,7 +141,9 @@ def _submit(
             loop.call_soon_threadsafe(q.put_nowait, out)
 
     engine = call.server.engine
-    req = engine.submit(prompt, params, adapters, sink, json_mode=json_mode, tenant=call.who.tenant)
+    json_mode = fmt is not None and fmt.type == "json_object"
+    schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema is not None else None
+    req = engine.submit(prompt, params, adapters, sink, json_mode=json_mode, json_schema=schema, tenant=call.who.tenant)
     return req, q
 
 

@@ -3,9 +3,9 @@ numbers outside what the engine accepts and strings that are not valid Unicode (
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from graftlm.engine.engine import MAX_ADAPTER_WEIGHT
 from graftlm.errors import ConfigError
@@ -32,8 +32,25 @@ class AdapterWeight(Strict):
     weight: float = Field(default=1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
 
 
+class JsonSchemaFormat(Strict):
+    """OpenAI's structured outputs: the schema the reply must follow (`graftlm.engine.json_schema`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Name
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: Text | None = None
+    strict: bool | None = None
+
+
 class ResponseFormat(Strict):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is given exactly when type is 'json_schema'")
+        return self
 
 
 class StreamOptions(Strict):
