@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from graftlm.errors import GraftlmError
-from graftlm.fileio import file_sha256
+from graftlm.fileio import atomic_write, file_sha256
 from graftlm.lora.files import WEIGHTS_FILE
 from graftlm.pipeline import fingerprints
 from graftlm.pipeline.spec import AdapterSpec, Spec
@@ -171,7 +172,8 @@ class Pipeline:
         return out
 
     def _train_and_publish(self, a: AdapterSpec, now: Assessment, out: Outcome) -> None:
-        from graftlm.pipeline.steps import evaluate_adapter, train
+        from graftlm.eval.suite import flat_figures
+        from graftlm.pipeline.steps import evaluate_adapter, grade, train
 
         ins = now.inputs
         work = self.spec.state / "work" / a.name
@@ -184,7 +186,16 @@ class Pipeline:
         out.prod_before = prod.version if prod else None
         out.prod_score = self._prod_score(a, prod, eval_key) if prod else None
         out.passed, out.gate = a.gate.check(out.score, out.base_score, out.prod_score)
-        metrics = {
+        evaluation = None
+        figures: dict[str, float] = {}
+        if a.full_evaluation:
+            doc = grade(self.spec.base, a, work, self.registry.checkout(prod) if prod else None)
+            figures = {k: v for k, v in flat_figures(doc, a.name).items() if "." not in k}
+            passed, why = a.gate.check_figures(figures, prod is not None)
+            out.passed, out.gate = out.passed and passed, out.gate + why
+            evaluation = self.spec.state / "work" / f"{a.name}.evaluation.json"
+            atomic_write(evaluation, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        metrics = figures | {
             "metric": a.metric,
             "score": out.score,
             "base_score": out.base_score,
@@ -195,10 +206,14 @@ class Pipeline:
         }
         lineage = {"pipeline": {"key": fingerprints.key(ins), "inputs": ins, "spec": str(self.spec.path)}}
         note = ("passed" if out.passed else "failed") + " the gate: " + "; ".join(out.gate)
-        v = self.registry.publish(work, a.name, lineage, metrics, note, aliases=[PROD] if out.passed else [])
+        v = self.registry.publish(
+            work, a.name, lineage, metrics, note, aliases=[PROD] if out.passed else [], evaluation=evaluation
+        )
         out.version = v.version
         out.prod_after = v.version if out.passed else out.prod_before
         shutil.rmtree(work, ignore_errors=True)
+        if evaluation is not None:
+            evaluation.unlink(missing_ok=True)
         log.info("%s@%d: %s %.4f; %s", a.name, v.version, a.metric, out.score, note)
 
     def _prod(self, name: str) -> Version | None:

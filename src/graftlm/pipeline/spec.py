@@ -11,11 +11,16 @@ lr = 1e-3
 [defaults.gate]
 beat_base_by = 0.05              # score >= base model's score + 0.05
 
+[defaults.eval]                  # graders beside the task metric, and the judge they need
+graders = ["rubric"]
+judge_url = "http://127.0.0.1:8000/v1"
+judge_model = "judge"
+
 [[adapter]]
 name = "summarize"
 data = "examples/summarize"      # train.jsonl, test.jsonl, optional valid.jsonl and task.json
 init_from = "recovery@prod"      # optional parent: a registry reference or an adapter folder
-gate = { min_score = 0.2, beat_prod_by = 0.0 }
+gate = { min_score = 0.2, beat_prod_by = 0.0, require = ["poor_rate <= 0.1", "win_rate_vs_prod >= 0.5"] }
 
 [[template]]                     # one personal adapter per folder matching `data`
 name = "reply-{user}"
@@ -24,19 +29,26 @@ metric = "rouge_l"
 ```
 
 Everything is checked when the spec is read, before any training: missing files, unknown settings
-and metrics, and gates no score can pass.
+and metrics, gates no score can pass, and `require` rules on figures no configured grader gives.
+A `require` rule names any figure of the evaluation (`graftlm eval`'s figures: `good_rate`,
+`poor_rate`, `pass_rate`, `violation_rate`, the metric's name, ...); `_vs_prod` or `_vs_base` after a
+side-by-side figure (`win_rate`, `preference`, ...) has the judge compare the new version with prod or
+the base model.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from graftlm.errors import GraftlmError
 from graftlm.eval.metrics import METRICS
+from graftlm.eval.suite import GRADERS
 from graftlm.registry.records import NAME, Ref
 from graftlm.train.long import OLD_NAMES, ON_LONG
 
@@ -60,8 +72,33 @@ TRAIN_KEYS = {
     "seed": int,
     "on_long": str,
 }
-EVAL_KEYS = {"limit": int, "batch": int, "max_new_tokens": int}
-GATE_KEYS = {"min_score": float, "beat_base_by": float, "beat_prod_by": float}
+EVAL_KEYS = {
+    "limit": int,
+    "batch": int,
+    "max_new_tokens": int,
+    "graders": list,
+    "rubric": str,
+    "safety_prompts": str,
+    "judge_url": str,
+    "judge_model": str,
+    "judge_format": str,
+}
+GATE_KEYS = {"min_score": float, "beat_base_by": float, "beat_prod_by": float, "require": list}
+RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(<=|>=|<|>)\s*(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?)\s*$")
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda a, b: a <= b + 1e-9,
+    ">=": lambda a, b: a >= b - 1e-9,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
+# which grader gives a figure (rates' _low/_high bounds included); side-by-side figures end in _vs_prod|_vs_base
+FIGURES = {
+    "rubric": ("good_rate", "neutral_rate", "poor_rate"),
+    "instructions": ("pass_rate", "instruction_rate"),
+    "safety": ("violation_rate",),
+}
+PREFERENCE = ("win_rate", "tie_rate", "loss_rate", "preference", "consistency", "metric_agreement")
+COMPARED = ("prod", "base")
 ADAPTER_KEYS = {"name", "data", "train_file", "valid_file", "test_file", "metric", "init_from", "train", "eval", "gate"}
 
 
@@ -70,13 +107,49 @@ class SpecError(GraftlmError):
 
 
 @dataclass(frozen=True)
+class Rule:
+    """`figure op value` on a figure of the new version's evaluation, e.g. `poor_rate <= 0.1`."""
+
+    figure: str
+    op: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.figure} {self.op} {self.value:g}"
+
+    @property
+    def compared(self) -> str | None:
+        """prod or base, for a side-by-side figure; None otherwise."""
+        return next((c for c in COMPARED if self.figure.endswith(f"_vs_{c}")), None)
+
+    def check(self, figures: dict[str, float], prod_exists: bool) -> tuple[bool, str]:
+        if self.compared == "prod" and not prod_exists:
+            return True, f"{self}: no prod version to compare with"
+        got = figures.get(self.figure)
+        if got is None:
+            return False, f"{self}: the evaluation gave no {self.figure}"
+        ok = OPS[self.op](got, self.value)
+        return ok, f"{self.figure} {got:.4f} {'meets' if ok else 'fails'} {self.op} {self.value:g}"
+
+
+@dataclass(frozen=True)
 class Gate:
     min_score: float | None = None
     beat_base_by: float | None = 0.0  # by default a new adapter must at least match the base model
     beat_prod_by: float | None = 0.0  # and the version it would replace
+    require: tuple[Rule, ...] = ()  # rules on any figure of the evaluation
+
+    @property
+    def compared(self) -> str | None:
+        """The model the new version is compared with side by side (prod or base), if a rule needs one."""
+        return next((r.compared for r in self.require if r.compared), None)
+
+    def check_figures(self, figures: dict[str, float], prod_exists: bool) -> tuple[bool, list[str]]:
+        results = [r.check(figures, prod_exists) for r in self.require]
+        return all(ok for ok, _ in results), [why for _, why in results]
 
     def check(self, score: float, base: float | None, prod: float | None) -> tuple[bool, list[str]]:
-        """Whether `score` passes, and one line per rule saying why."""
+        """Whether `score` passes the score rules, and one line per rule saying why."""
         rules: list[tuple[str, float]] = []
         reasons: list[str] = []
         if self.min_score is not None:
@@ -115,6 +188,16 @@ class AdapterSpec:
         if self.valid_file is not None:
             found["valid"] = self.valid_file
         return found
+
+    @property
+    def graders(self) -> tuple[str, ...]:
+        """Graders beyond the task metric (`eval.graders`)."""
+        return tuple(g for g in self.eval.get("graders", ()) if g != self.metric)
+
+    @property
+    def full_evaluation(self) -> bool:
+        """Whether the new version gets `graftlm eval`'s evaluation (graders, a judge, a gate on figures)."""
+        return bool(self.graders or self.eval.get("rubric") or self.gate.require)
 
     def parent_name(self) -> str | None:
         """The adapter name `init_from` refers to in the registry, if it is a reference and not a path."""
@@ -240,6 +323,10 @@ def _adapter(e: dict[str, Any], defaults: dict[str, Any], root: Path, path: Path
             init_from = str(_existing(root / init_from, path, f"adapter {name!r}: init_from"))
         else:
             Ref.parse(init_from)
+    for key in ("rubric", "safety_prompts"):  # files, relative to the spec
+        if key in evals:
+            evals[key] = str(_existing(root / evals[key], path, f"adapter {name!r}: eval.{key}"))
+    _check_rules(gate, metric, evals, where)
     max_new = int(evals.pop("max_new_tokens", task.get("max_new_tokens", 64)))
     return AdapterSpec(name, train_file, valid_file, test_file, metric, max_new, init_from, train, evals, gate)
 
@@ -281,4 +368,37 @@ def _gate(d: dict[str, Any], where: str) -> Gate:
     for k in ("beat_base_by", "beat_prod_by"):
         if k in values and not -(hi - lo) <= values[k] < hi - lo:
             raise SpecError(f"{where}: gate {k} {values[k]} is impossible (scores lie in [{lo}, {hi}])")
-    return Gate(**{k: values.get(k, getattr(Gate, k)) for k in GATE_KEYS})
+    rules = tuple(_rule(r, where) for r in values.pop("require", []))
+    if len({r.compared for r in rules if r.compared}) > 1:
+        raise SpecError(f"{where}: gate rules compare with both prod and base; one side-by-side per gate")
+    return Gate(**{k: values.get(k, getattr(Gate, k)) for k in GATE_KEYS if k != "require"}, require=rules)
+
+
+def _rule(text: Any, where: str) -> Rule:
+    m = RULE.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise SpecError(f'{where}: gate rule {text!r} is not `FIGURE <=|>=|<|> NUMBER` (e.g. "poor_rate <= 0.1")')
+    return Rule(m.group(1), m.group(2), float(m.group(3)))
+
+
+def _check_rules(gate: Gate, metric: str, evals: dict[str, Any], where: str) -> None:
+    """Every rule names a figure some configured grader gives, and judged figures have a judge."""
+    graders = {metric, *evals.get("graders", ())} | ({"rubric"} if evals.get("rubric") else set())
+    unknown = [g for g in evals.get("graders", ()) if g not in GRADERS]
+    if unknown:
+        raise SpecError(f"{where}: eval: unknown grader {unknown[0]!r}; choose from {', '.join(GRADERS)}")
+    for r in gate.require:
+        name = r.figure.removesuffix(f"_vs_{r.compared}") if r.compared else r.figure
+        bare = name.split(".")[-1].removesuffix("_low").removesuffix("_high")
+        if r.compared:
+            ok = bare in PREFERENCE or bare == "failed_rate"
+        else:
+            ok = bare in graders or any(bare in FIGURES.get(g, ()) or bare.endswith("_good_rate") for g in graders)
+            ok = ok or bare in ("score", "failed_rate") or name.split(".")[0] in graders
+        if not ok:
+            raise SpecError(
+                f"{where}: gate rule '{r}': no configured grader gives {name} (graders: {', '.join(sorted(graders))})"
+            )
+    judged = {"rubric", "safety"} & graders or any(r.compared for r in gate.require)
+    if judged and not (evals.get("judge_url") and evals.get("judge_model")):
+        raise SpecError(f"{where}: eval: a judge grades here; set judge_url and judge_model")

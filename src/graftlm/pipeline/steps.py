@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from graftlm.engine.generate import Generator
+from graftlm.eval.answers import Contestant, build_engine
+from graftlm.eval.judge import JudgeConfig
 from graftlm.eval.runner import Task, evaluate
+from graftlm.eval.safety import PROMPTS
+from graftlm.eval.suite import Plan, run_suite
+from graftlm.loading import catalog
 from graftlm.loading.merged import load_merged
 from graftlm.lora.config import TARGETS, LoraConfig
 from graftlm.pipeline.spec import AdapterSpec
@@ -59,3 +65,35 @@ def evaluate_adapter(base: str, a: AdapterSpec, adapter: Path | None) -> tuple[f
         Generator(model, tok), a.test_file, task, int(a.eval.get("batch", 16)), int(a.eval.get("limit", 0)), label
     )
     return result.score, result.n
+
+
+def grade(base: str, a: AdapterSpec, candidate: Path, prod: Path | None) -> dict[str, Any]:
+    """`graftlm eval`'s evaluation of a new version: the task metric and the spec's graders, and the side
+    by side with prod or the base model its gate asks for; the evaluation document."""
+    e = a.eval
+    judge = None
+    if e.get("judge_url"):
+        judge = JudgeConfig(
+            url=e["judge_url"], model=e["judge_model"], response_format=e.get("judge_format", "json_schema")
+        )
+    contestants = [Contestant(a.name, candidate)]
+    compare = a.gate.compared
+    if compare == "prod" and prod is not None:
+        contestants.append(Contestant("prod", prod))
+    elif compare == "base":
+        contestants.append(Contestant("base"))
+    else:
+        compare = None  # no prod yet: its rules pass with a note
+    plan = Plan(
+        (a.metric, *a.graders),
+        (Path(e["rubric"]),) if "rubric" in e else (),
+        judge,
+        compare,
+        Path(e.get("safety_prompts", PROMPTS)),
+        a.max_new_tokens,
+        int(e.get("limit", 0)),
+    )
+    model, tok, source = catalog.load(base)
+    engine = build_engine(model, tok, contestants, int(e.get("batch", 32)))
+    meta = {"task": a.name, "data": str(a.test_file), "model": source.name}
+    return run_suite(engine, contestants, plan, a.test_file, meta)
