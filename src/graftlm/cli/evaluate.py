@@ -12,9 +12,8 @@ from rich.table import Table
 
 from graftlm.cli.fields import add_fields, build
 from graftlm.cli.options import add_model
-from graftlm.engine.engine import Engine
 from graftlm.errors import GraftlmError
-from graftlm.eval.answers import Contestant, answer, build_engine
+from graftlm.eval.answers import Contestant, answer_all
 from graftlm.eval.grade import Case
 from graftlm.eval.judge import JudgeConfig, JudgeUnavailableError
 from graftlm.eval.metrics import METRICS
@@ -122,11 +121,10 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args, task, target)
     load_sets(plan, args.data)  # bad data or checks fail here, before a model loads
     model, tok, source = catalog.load(args.model)
-    engine = build_engine(model, tok, contestants, args.batch, args.force)
 
     def other(sets: dict[str, list[Case]], max_new: dict[str, int]) -> dict[str, dict[str, list[str]]]:
         m, t, _ = catalog.load(other_model)  # any model: only its answers are compared
-        return answer(Engine(m, t), [Contestant(other_model)], sets, max_new, "answering (compared)")
+        return answer_all(m, t, [Contestant(other_model)], sets, max_new, args.batch, label="answering (compared)")
 
     meta = {
         "task": task.name if task else (args.data.stem if args.data else "safety"),
@@ -134,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
         "model": source.name,
     }
     try:
-        doc = run_suite(engine, contestants, plan, args.data, meta, args.out, other if other_model else None, _announce)
+        more = other if other_model else None
+        doc = run_suite(
+            model, tok, contestants, plan, args.data, meta, args.out, args.batch, args.force, more, _announce
+        )
     except JudgeUnavailableError:
         if args.out is not None:
             console.print(f"[yellow]the results graded so far are in {args.out}[/]", soft_wrap=True)

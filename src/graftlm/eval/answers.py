@@ -39,12 +39,18 @@ def adapter_rank(path: Path) -> int:
 
 
 def build_engine(
-    model: Llama, tok: Tokenizer, contestants: Sequence[Contestant], max_batch: int = 32, force: bool = False
+    model: Llama,
+    tok: Tokenizer,
+    contestants: Sequence[Contestant],
+    max_batch: int = 32,
+    force: bool = False,
+    max_len: int = 2048,
 ) -> Engine:
     """An engine able to hold every contestant's adapter at once, adapters kept in float32 (exact)."""
     ranks = [adapter_rank(c.adapter) for c in contestants if c.adapter is not None]
     config = EngineConfig(
         max_batch=max_batch,
+        max_len=max_len,
         max_rank=max(ranks, default=8),
         adapter_dtype="float32",
         adapter_cache_mb=4096,
@@ -52,6 +58,28 @@ def build_engine(
         max_queued_per_tenant=2**31,
     )
     return Engine(model, tok, config, force=force)
+
+
+def answer_all(
+    model: Llama,
+    tok: Tokenizer,
+    contestants: Sequence[Contestant],
+    sets: dict[str, Sequence[Case]],
+    max_new_tokens: dict[str, int],
+    max_batch: int = 32,
+    force: bool = False,
+    label: str = "answering",
+) -> dict[str, dict[str, list[str]]]:
+    """`answer` on an engine sized for these prompts (KV rows as long as the longest prompt and answer),
+    stopped afterwards."""
+    longest = max(
+        (len(tok.encode_chat(c.messages)) + max_new_tokens[s] for s, cs in sets.items() for c in cs), default=1
+    )
+    engine = build_engine(model, tok, contestants, max_batch, force, max_len=longest)
+    try:
+        return answer(engine, contestants, sets, max_new_tokens, label)
+    finally:
+        engine.stop()
 
 
 def answer(

@@ -26,15 +26,17 @@ class Task:
     """What `task.json` beside a dataset says: how to score it and how long answers may be."""
 
     name: str
-    metric: str
+    metric: str  # "" for a test set graded without references (its graders say how)
     max_new_tokens: int = 64
     train: dict[str, float] = field(default_factory=dict)  # TrainConfig settings that suit the task
     graders: tuple[str, ...] = ()  # graders `graftlm eval` runs when none is named (the metric is always one)
     rubric: Path | None = None  # a rubric file for the judge, relative to task.json
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
+        if self.metric and self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if not self.metric and not self.graders:
+            raise ConfigError(f"task {self.name!r} names no metric and no graders")
 
     @classmethod
     def beside(cls, data: Path) -> Task | None:
@@ -51,7 +53,7 @@ class Task:
         rubric = path.parent / d["rubric"] if "rubric" in d else None
         return cls(
             d.get("name", data.parent.name),
-            d["metric"],
+            d.get("metric", ""),
             int(d.get("max_new_tokens", 64)),
             d.get("train", {}),
             tuple(graders),

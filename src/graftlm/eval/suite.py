@@ -17,9 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from graftlm.engine.engine import Engine
 from graftlm.errors import ConfigError
-from graftlm.eval.answers import Contestant, answer
+from graftlm.eval.answers import Contestant, answer_all
 from graftlm.eval.checks import InstructionGrader
 from graftlm.eval.grade import Case, Grader
 from graftlm.eval.judge import Judge, JudgeConfig, JudgeUnavailableError, PartialResults
@@ -29,6 +28,8 @@ from graftlm.eval.rubric import BUILT_IN, RubricGrader, load_rubric
 from graftlm.eval.runner import load_cases
 from graftlm.eval.safety import PROMPTS, SafetyGrader, load_prompts
 from graftlm.fileio import atomic_write
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT = "graftlm-eval/1"
@@ -207,12 +208,15 @@ def load_sets(plan: Plan, data: Path | None) -> dict[str, list[Case]]:
 
 
 def run_suite(
-    engine: Engine,
+    model: Llama,
+    tok: Tokenizer,
     contestants: Sequence[Contestant],
     plan: Plan,
     data: Path | None,
     meta: dict[str, Any],
     out: Path | None = None,
+    max_batch: int = 32,
+    force: bool = False,
     more: Callable[[dict[str, list[Case]], dict[str, int]], dict[str, dict[str, list[str]]]] | None = None,
     announce: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
@@ -220,7 +224,7 @@ def run_suite(
     elsewhere such as another base model), grade everything; the evaluation document."""
     sets = load_sets(plan, data)
     max_new = {s: plan.max_new_tokens for s in sets} | ({SAFETY: SAFETY_TOKENS} if SAFETY in sets else {})
-    answers = answer(engine, contestants, sets, max_new)
+    answers = answer_all(model, tok, contestants, sets, max_new, max_batch, force)
     if more is not None:
         answers |= more(sets, max_new)
     meta = meta | {"adapters": {c.label: str(c.adapter) if c.adapter else None for c in contestants}}

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from graftlm.engine.generate import Generator
-from graftlm.eval.answers import Contestant, build_engine
+from graftlm.eval.answers import Contestant
 from graftlm.eval.judge import JudgeConfig
 from graftlm.eval.runner import Task, evaluate
 from graftlm.eval.safety import PROMPTS
@@ -94,6 +94,5 @@ def grade(base: str, a: AdapterSpec, candidate: Path, prod: Path | None) -> dict
         int(e.get("limit", 0)),
     )
     model, tok, source = catalog.load(base)
-    engine = build_engine(model, tok, contestants, int(e.get("batch", 32)))
     meta = {"task": a.name, "data": str(a.test_file), "model": source.name}
-    return run_suite(engine, contestants, plan, a.test_file, meta)
+    return run_suite(model, tok, contestants, plan, a.test_file, meta, max_batch=int(e.get("batch", 32)))
