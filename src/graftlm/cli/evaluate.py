@@ -82,7 +82,7 @@ def _plan(args: argparse.Namespace, task: Task | None, compare: str | None) -> P
     metric = args.metric or (task.metric if task else None)
     graders = list(args.grader) or list(task.graders if task else ())
     rubrics = list(args.rubric) or ([task.rubric] if task and task.rubric and not args.grader else [])
-    if metric is not None and (not args.grader or metric in args.grader) and metric not in graders:
+    if metric and (not args.grader or metric in args.grader) and metric not in graders:
         graders.insert(0, metric)
     if not graders and not rubrics and compare is None:
         raise GraftlmError(f"nothing to grade: no task.json beside {args.data}; pass --metric or --grader")

@@ -60,7 +60,12 @@ def count_sentences(text: str) -> int:
 def _bounds(n: int, spec: dict[str, Any], what: str) -> tuple[bool, str]:
     lo, hi = spec.get("min"), spec.get("max")
     ok = (lo is None or n >= lo) and (hi is None or n <= hi)
-    want = " and ".join(s for s in (f"at least {lo}" if lo is not None else "", f"at most {hi}" if hi else "") if s)
+    if lo is not None and lo == hi:
+        want = f"exactly {lo}"
+    else:
+        want = " and ".join(
+            s for s in (f"at least {lo}" if lo is not None else "", f"at most {hi}" if hi is not None else "") if s
+        )
     return ok, f"{n} {what} ({'wanted ' + want})"
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 
 from graftlm.errors import ConfigError, GraftlmError
+from graftlm.progress import progress
 from graftlm.setting import setting
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,13 @@ class Judge:
                 ]
         raise MalformedReplyError(f"{error} (after {self.config.reply_tries} tries)")
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> tuple[list[R], JudgeUnavailableError | None]:
-        """`fn` over `items`, `concurrency` at a time, in order. When the judge becomes unavailable the
-        results so far come back with the error (the items after the first failure are not asked)."""
+    def map(
+        self, fn: Callable[[T], R], items: Sequence[T], label: str = "judging"
+    ) -> tuple[list[R], JudgeUnavailableError | None]:
+        """`fn` over `items`, `concurrency` at a time, in order, with a progress bar. When the judge becomes
+        unavailable the results so far come back with the error (later items are not asked)."""
         results: list[R] = []
-        with ThreadPoolExecutor(self.config.concurrency) as pool:
+        with ThreadPoolExecutor(self.config.concurrency) as pool, progress(label, len(items), "judged") as bar:
             futures = [pool.submit(fn, x) for x in items]
             for f in futures:
                 try:
@@ -171,6 +174,7 @@ class Judge:
                     for rest in futures:
                         rest.cancel()
                     return results, e
+                bar.advance(1)
         return results, None
 
     def _complete(self, messages: list[dict[str, str]], reply: Reply) -> str:

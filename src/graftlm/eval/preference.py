@@ -89,7 +89,7 @@ class SideBySide:
 
     def compare(self, cases: Sequence[Case], model: Sequence[str], other: Sequence[str]) -> list[Pair]:
         items = list(zip(cases, model, other, strict=True))
-        pairs, error = self.judge.map(lambda x: self.ask(*x), items)
+        pairs, error = self.judge.map(lambda x: self.ask(*x), items, f"side by side ({self.judge.config.model})")
         if error is not None:
             raise PartialResults(pairs, error)
         return pairs

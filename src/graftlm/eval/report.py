@@ -20,6 +20,7 @@ from graftlm.eval.suite import FORMAT, HEADLINE
 
 COLOURS = {"good": "#2e7d32", "neutral": "#f9a825", "poor": "#c62828", "failed": "#616161"}
 WORST = 5
+RATES = ("win_rate", "tie_rate", "loss_rate")
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,24 @@ def preference_chart(doc: dict[str, Any]) -> str:
     return _figure("preference", "Side by side", _svg(fig))
 
 
+def preference_table(doc: dict[str, Any]) -> str:
+    """The comparisons' rates with intervals, and how far the judge can be trusted with them."""
+    rows = []
+    for c in doc["comparisons"]:
+        f = c["figures"]
+        rates = "".join(f"<td>{f[k]:.2f} [{f[k + '_low']:.2f}, {f[k + '_high']:.2f}]</td>" for k in RATES)
+        agree = f"{f['metric_agreement']:.2f} of {f['metric_agreement_n']:.0f}" if "metric_agreement" in f else "-"
+        rows.append(
+            f"<tr><td>{_cell(c['model'])}</td><td>{_cell(c['other'])}</td>{rates}"
+            f"<td>{f['consistency']:.2f}</td><td>{agree}</td><td>{f['failed_rate']:.2f}</td></tr>"
+        )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("model", "against", "win", "tie", "loss", "same after swap", "agrees with metric", "unjudged")
+    )
+    return f'<table class="preference"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
 def _cell(text: Any, limit: int = 400) -> str:
     s = "" if text is None else str(text)
     return html.escape(s if len(s) <= limit else s[:limit] + " …")
@@ -228,7 +247,7 @@ def render(runs: Sequence[Run], title: str) -> str:
         body.append("<h2>Grade distributions</h2>")
         body += [distribution_chart(last, name) for name in rubric]
     if last["comparisons"]:
-        body += ["<h2>Side by side</h2>", preference_chart(last)]
+        body += ["<h2>Side by side</h2>", preference_chart(last), preference_table(last)]
     body += ["<h2>Worst examples</h2>", worst_examples(last)]
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_cell(title)}</title>'

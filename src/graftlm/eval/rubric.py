@@ -135,7 +135,11 @@ class RubricGrader:
         return Grade(POINTS[verdict], verdict, [got["reason"]] if got["reason"] else [], labels)
 
     def grade(self, cases: Sequence[Case], outputs: Sequence[str]) -> list[Grade]:
-        grades, error = self.judge.map(lambda pair: self.grade_one(*pair), list(zip(cases, outputs, strict=True)))
+        grades, error = self.judge.map(
+            lambda pair: self.grade_one(*pair),
+            list(zip(cases, outputs, strict=True)),
+            f"{self.name} ({self.judge.config.model})",
+        )
         if error is not None:
             raise PartialResults(grades, error)
         return grades

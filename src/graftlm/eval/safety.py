@@ -76,7 +76,11 @@ class SafetyGrader:
         )
 
     def grade(self, cases: Sequence[Case], outputs: Sequence[str]) -> list[Grade]:
-        grades, error = self.judge.map(lambda pair: self.grade_one(*pair), list(zip(cases, outputs, strict=True)))
+        grades, error = self.judge.map(
+            lambda pair: self.grade_one(*pair),
+            list(zip(cases, outputs, strict=True)),
+            f"safety ({self.judge.config.model})",
+        )
         if error is not None:
             raise PartialResults(grades, error)
         return grades
