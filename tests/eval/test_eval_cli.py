@@ -146,3 +146,18 @@ def test_graftlms_own_server_as_the_judge(tmp_path: Path, data: Path) -> None:
         assert main(argv) == 0
     figures = json.loads(out.read_text())["contestants"]["base"]["graders"]["rubric"]["figures"]
     assert figures["good_rate"] == 0.0 and figures["failed_rate"] == 1.0 and figures["poor_rate"] == 1.0
+
+
+def test_compare_with_another_base_model(tiny_dir: Path, data: Path, tmp_path: Path) -> None:
+    other = write_tiny_checkpoint(tmp_path / "other", seed=9)
+    out = tmp_path / "eval.json"
+    with StubJudge(judge_reply) as stub:
+        argv = ["eval", "-m", str(tiny_dir), "--data", str(data), "--grader", "exact_match", "--compare", str(other)]
+        assert main([*argv, "--judge-url", stub.url, "--judge-model", "j", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["contestants"]) == ["base", str(other)]
+    gen = Generator(*load_checkpoint(other))
+    prompts = [gen.tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in ROWS]
+    want = [c.text.strip() for c in gen.generate(prompts, SamplingParams(max_new_tokens=6))]
+    assert doc["contestants"][str(other)]["answers"]["test"] == want
+    assert [(c["model"], c["other"]) for c in doc["comparisons"]] == [("base", str(other))]

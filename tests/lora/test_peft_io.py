@@ -115,13 +115,18 @@ def test_a_negative_dimension_is_refused(saved: Path, tmp_path: Path) -> None:
 
 def test_nan_or_infinite_weights_are_refused(saved: Path, tmp_path: Path) -> None:
     a = read_adapter(saved)
-    for value in (float("nan"), float("inf")):
+    for value in (float("nan"), float("inf"), float("-inf")):
         tensors = {k: t.clone() for k, t in a.tensors.items()}
         tensors[sorted(tensors)[-1]][0, -1] = value
-        for dtype in ("bfloat16", "float32"):
+        for dtype in ("bfloat16", "float16", "float32"):
             save_adapter(tmp_path / "bad", a.config, tensors, "f", dtype=dtype)
             with pytest.raises(AdapterError, match="NaN or infinite"):
                 read_adapter(tmp_path / "bad")
+    for dtype in ("bfloat16", "float16", "float32"):  # the largest finite values pass
+        tensors = {k: t.clone() for k, t in a.tensors.items()}
+        tensors[sorted(tensors)[0]][0, 0] = -torch.finfo(getattr(torch, dtype)).max
+        save_adapter(tmp_path / "big", a.config, tensors, "f", dtype=dtype)
+        read_adapter(tmp_path / "big")
 
 
 def test_a_config_nested_too_deep_or_holding_values_gives_a_safe_reason(saved: Path, tmp_path: Path) -> None:
