@@ -10,6 +10,8 @@ from rich.console import Console
 
 from graftlm.cli.options import add_model, add_sampling, load_model, sampling_from
 from graftlm.engine.generate import Generator
+from graftlm.engine.speculate import MAX_SPEC_TOKENS, SPEC_TOKENS, SpecStats, check_spec_tokens, speculative_steps
+from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
 
@@ -28,6 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system message for chat models")
     add_model(p)
     add_sampling(p)
+    g = p.add_argument_group("speculation")
+    g.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="draft tokens by prompt lookup (ngram: copy what followed the text's last words earlier on) and "
+        "verify them in one forward; the output is what plain decoding gives (one prompt at a time)",
+    )
+    g.add_argument(
+        "--spec-tokens",
+        type=int,
+        default=SPEC_TOKENS,
+        metavar="K",
+        help=f"most tokens drafted a step, 1-{MAX_SPEC_TOKENS} (default: {SPEC_TOKENS})",
+    )
     p.set_defaults(run=run)
 
 
@@ -45,10 +62,20 @@ def run(args: argparse.Namespace) -> int:
     model, tok, _ = load_model(args)
     gen = Generator(model, tok)
     prompts = [encode(gen, t, args.raw, args.system) for t in texts]
+    stats = SpecStats()
+    if args.speculate:
+        check_spec_tokens(args.spec_tokens)
+        if len(prompts) > 1:
+            raise GraftlmError("--speculate decodes one prompt at a time; give one prompt")
     t0 = time.perf_counter()
     if len(prompts) == 1:
+        events = (
+            speculative_steps(model, tok, prompts[0], params, args.spec_tokens, stats)
+            if args.speculate
+            else gen.steps(prompts, params)
+        )
         count = 0
-        for count, ev in enumerate(gen.steps(prompts, params), 1):  # noqa: B007 (count is used after)
+        for count, ev in enumerate(events, 1):  # noqa: B007 (count is used after)
             print(ev.delta, end="", flush=True)
         print()
     else:
@@ -58,4 +85,9 @@ def run(args: argparse.Namespace) -> int:
         count = sum(len(o.token_ids) for o in outs)
     dt = time.perf_counter() - t0
     err.print(f"[dim]{count} tokens in {dt:.2f} s ({count / dt:.1f} tokens/s)[/]")
+    if args.speculate and args.verbose:
+        err.print(
+            f"[dim]speculation: {stats.accepted} of {stats.drafted} drafted tokens accepted "
+            f"({stats.acceptance:.0%}), {stats.tokens_per_forward:.2f} tokens per forward[/]"
+        )
     return 0

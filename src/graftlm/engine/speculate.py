@@ -1,0 +1,138 @@
+"""Token speculation by prompt lookup (Saxena, 2023): draft the next tokens by finding the text's last
+few tokens earlier in the prompt or the answer and copying what followed, then verify every draft in
+one forward of the model.
+
+Verification is the standard rule (Leviathan et al., 2023; Chen et al., 2023) for a draft that is a
+single proposal (q puts all its mass on the drafted token d): accept d with probability p(d); on
+rejection sample from p with d removed and renormalised, which is (p - q)+ normalised. The tokens
+produced are distributed exactly as decoding one token at a time; with greedy decoding they are the
+same tokens (up to float rounding between a one-token and a many-token forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from graftlm.engine.generate import StepEvent
+from graftlm.engine.kv_cache import KVCache
+from graftlm.engine.sampling import SamplingParams, filter_logits, sample
+from graftlm.engine.sequence import Decoding, check_prompt
+from graftlm.errors import ConfigError
+from graftlm.model.llama import Llama
+from graftlm.model.tokenizer import Tokenizer
+
+MAX_SPEC_TOKENS = 16
+# 7 drafts and the last token make 8 rows, the most the decode kernel takes before PyTorch's product
+# (graftlm.model.linear.MAX_ROWS); adapting the length to the acceptance gained nothing measurable
+# (benchmarks/README.md, "Speculation")
+SPEC_TOKENS = 7
+MAX_NGRAM = 3  # the longest suffix looked up; shorter ones are tried when it is not found
+MIN_NGRAM = 2  # a one-token match drafts noise more often than not (extract accepted 15% of its drafts)
+
+
+def check_spec_tokens(k: int) -> int:
+    if not 1 <= k <= MAX_SPEC_TOKENS:
+        raise ConfigError(f"--spec-tokens must be between 1 and {MAX_SPEC_TOKENS}, got {k}")
+    return k
+
+
+def propose(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+    """Up to `k` tokens that followed the latest earlier occurrence of the text's last n tokens (n from
+    `max_ngram` down to `min_ngram`); none when no such suffix occurs earlier."""
+    size = len(history)
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        tail = list(history[size - n :])
+        for at in range(size - n - 1, -1, -1):  # the latest occurrence copies the most recent context
+            if list(history[at : at + n]) == tail:
+                follow = list(history[at + n : at + n + k])
+                if follow:
+                    return follow
+    return []
+
+
+def verify(
+    logits: torch.Tensor, draft: Sequence[int], params: SamplingParams, generator: torch.Generator | None
+) -> list[int]:
+    """The accepted prefix of `draft` plus one token of the model's own, from logits [len(draft)+1, V]
+    where row i predicts what follows draft[:i]."""
+    out: list[int] = []
+    for i, d in enumerate(draft):
+        if params.greedy:
+            t = int(logits[i].argmax())
+            out.append(t)
+            if t != d:
+                return out
+            continue
+        probs = filter_logits(logits[i].float(), params).softmax(-1)
+        if float(torch.rand((), generator=generator)) < float(probs[d]):
+            out.append(d)
+            continue
+        probs[d] = 0.0  # the residual (p - q)+ for a point-mass draft
+        out.append(int(torch.multinomial(probs / probs.sum(), 1, generator=generator)))
+        return out
+    out.append(sample(logits[len(draft)], params, generator))
+    return out
+
+
+@dataclass
+class SpecStats:
+    forwards: int = 0  # forwards of the model after the prompt's (which gives the first token)
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens out per forward of the model, the prompt's included (1.0 without speculation)."""
+        return self.tokens / (self.forwards + 1) if self.tokens else 0.0
+
+
+@torch.inference_mode()
+def speculative_steps(
+    model: Llama,
+    tokenizer: Tokenizer,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    k: int,
+    stats: SpecStats | None = None,
+) -> Iterator[StepEvent]:
+    """One prompt's answer, drafting up to `k` tokens a step by prompt lookup; events as `Generator.steps`."""
+    check_spec_tokens(k)
+    window = model.config.max_position_embeddings
+    check_prompt(prompt, window, "the model's context window")
+    stats = stats if stats is not None else SpecStats()
+    device = model.device
+    budget = min(params.max_new_tokens, window - len(prompt))
+    stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
+    row = Decoding(params, tokenizer, stop_ids, budget, device)
+    cache = KVCache(model.config, 1, min(window, len(prompt) + budget + k + 1), model.dtype, device)
+    tokens = torch.tensor([list(prompt)], device=device)
+    logits = model(tokens, None, cache, 0, last_only=True)[:, -1]  # [1, V]
+    history = list(prompt)
+    new = [row.choose(logits[0])]
+    start = len(prompt)  # the cache holds positions [0, start); new[-1] is not in it yet
+    while True:
+        for t in new:
+            got = row.accept(t)
+            stats.tokens += 1
+            history.append(t)
+            yield StepEvent(0, t, got.delta, got.finish_reason)
+            if got.finish_reason is not None:
+                return
+        room = min(k, budget - row.produced - 1, cache.max_len - start - 1)
+        draft = propose(history, room) if room > 0 else []
+        ids = torch.tensor([[history[-1], *draft]], device=device)  # [1, 1 + len(draft)]
+        positions = torch.arange(start, start + ids.shape[1], device=device)[None]
+        logits = model(ids, positions, cache, start)[0]  # [1 + len(draft), V]
+        new = verify(logits, draft, params, row.generator)
+        stats.forwards += 1
+        stats.drafted += len(draft)
+        stats.accepted += len(new) - 1
+        start += len(new)  # the last token and the accepted drafts are now in the cache

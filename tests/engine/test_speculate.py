@@ -1,0 +1,84 @@
+"""Prompt-lookup speculation: drafts come from earlier text, greedy output equals plain decoding, and the
+verification rule keeps the model's distribution when sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from graftlm.engine.generate import Generator
+from graftlm.engine.sampling import SamplingParams, filter_logits
+from graftlm.engine.speculate import SpecStats, check_spec_tokens, propose, speculative_steps, verify
+from graftlm.errors import ConfigError
+from graftlm.loading.checkpoint import load_checkpoint
+
+
+def test_propose_copies_what_followed_the_latest_match() -> None:
+    assert propose([5, 6, 7, 9, 5, 6, 7, 8, 1, 5, 6, 7], 3) == [8, 1, 5]  # the latest "5 6 7" wins
+    assert propose([1, 2, 3, 4, 9, 3], 2) == []  # only a 1-gram matches: too weak by default
+    assert propose([1, 2, 3, 4, 9, 3], 2, min_ngram=1) == [4, 9]
+    assert propose([1, 2, 3], 4) == []
+    assert propose([7], 4) == []
+
+
+def test_spec_tokens_are_bounded() -> None:
+    for bad in (0, 17, -1):
+        with pytest.raises(ConfigError, match="between 1 and 16"):
+            check_spec_tokens(bad)
+
+
+def test_greedy_verification_keeps_the_agreeing_prefix_and_the_models_next_token() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for i, t in enumerate((3, 4, 7, 1)):
+        logits[i, t] = 5.0
+    greedy = SamplingParams()
+    assert verify(logits, [3, 4, 5], greedy, None) == [3, 4, 7]
+    assert verify(logits, [3, 4, 7], greedy, None) == [3, 4, 7, 1]  # all accepted, plus one more
+    assert verify(logits, [2, 4, 7], greedy, None) == [3]
+
+
+def test_sampled_verification_keeps_the_target_distribution() -> None:
+    """Whatever token is drafted, the first token out is distributed as the model's own sampling."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6) * 1.5
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    want = filter_logits(logits[0], params).softmax(-1)
+    g = torch.Generator().manual_seed(1)
+    n = 20_000
+    for draft in (int(want.argmax()), int(want.argmin())):
+        counts = torch.zeros(6)
+        for _ in range(n):
+            counts[verify(logits, [draft], params, g)[0]] += 1
+        assert torch.allclose(counts / n, want, atol=0.015), (draft, counts / n, want)
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_greedy_speculation_gives_the_plain_decoders_tokens(tiny_dir: Path, k: int) -> None:
+    model, tok = load_checkpoint(tiny_dir)
+    gen = Generator(model, tok)
+    prompts = ["the quick brown fox the quick brown fox the quick", "Meeting on Tuesday at 3pm. Meeting on", "teh cat"]
+    stats = SpecStats()
+    for text in prompts:
+        ids = tok.encode(text)
+        params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        want = gen.generate([ids], params)[0].token_ids
+        got = [ev.token for ev in speculative_steps(model, tok, ids, params, k, stats)]
+        assert got == want, text
+    assert stats.tokens == 120 and stats.accepted > 0 and stats.forwards < 120  # drafts were taken
+
+
+def test_generate_cli_speculates_and_reports(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graftlm.cli.main import main
+
+    base = ["generate", "-m", str(tiny_dir), "--raw", "-n", "20", "the quick brown fox the quick brown fox"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(["-v", *base, "--speculate", "ngram"]) == 0
+    got = capsys.readouterr()
+    assert got.out == plain and "drafted tokens accepted" in got.err
+    assert main([*base, "another prompt", "--speculate", "ngram"]) == 2
+    assert "one prompt at a time" in capsys.readouterr().err
+    assert main([*base, "--speculate", "ngram", "--spec-tokens", "0"]) == 2
+    assert "between 1 and 16" in capsys.readouterr().err
