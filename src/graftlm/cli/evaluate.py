@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     task = Task.beside(args.data) if args.data is not None else None
     contestants, target, other_model = _contestants(args)
     plan = _plan(args, task, target)
-    load_sets(plan, args.data)  # bad data or checks fail here, before a model loads
+    sets = load_sets(plan, args.data)  # bad data or checks fail here, before a model loads
     model, tok, source = catalog.load(args.model)
 
     def other(sets: dict[str, list[Case]], max_new: dict[str, int]) -> dict[str, dict[str, list[str]]]:
@@ -133,9 +133,7 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         more = other if other_model else None
-        doc = run_suite(
-            model, tok, contestants, plan, args.data, meta, args.out, args.batch, args.force, more, _announce
-        )
+        doc = run_suite(model, tok, contestants, plan, sets, meta, args.out, args.batch, args.force, more, _announce)
     except JudgeUnavailableError:
         if args.out is not None:
             console.print(f"[yellow]the results graded so far are in {args.out}[/]", soft_wrap=True)

@@ -72,12 +72,11 @@ def answer_all(
 ) -> dict[str, dict[str, list[str]]]:
     """`answer` on an engine sized for these prompts (KV rows as long as the longest prompt and answer),
     stopped afterwards."""
-    longest = max(
-        (len(tok.encode_chat(c.messages)) + max_new_tokens[s] for s, cs in sets.items() for c in cs), default=1
-    )
+    prompts = {s: [tok.encode_chat(c.messages) for c in cases] for s, cases in sets.items()}
+    longest = max((len(p) + max_new_tokens[s] for s, ps in prompts.items() for p in ps), default=1)
     engine = build_engine(model, tok, contestants, max_batch, force, max_len=longest)
     try:
-        return answer(engine, contestants, sets, max_new_tokens, label)
+        return answer(engine, contestants, prompts, max_new_tokens, label)
     finally:
         engine.stop()
 
@@ -85,19 +84,20 @@ def answer_all(
 def answer(
     engine: Engine,
     contestants: Sequence[Contestant],
-    sets: dict[str, Sequence[Case]],
+    prompts: dict[str, list[list[int]]],
     max_new_tokens: dict[str, int],
     label: str = "answering",
 ) -> dict[str, dict[str, list[str]]]:
-    """answers[contestant label][set name][i]: every contestant's greedy answer to every case of every set.
+    """answers[contestant label][set name][i]: every contestant's greedy answer to every prompt (token ids)
+    of every set.
 
     Runs the engine loop on the calling thread (the fast place for it) until every answer is in; a request
     that fails raises its error after the others finish.
     """
-    out = {c.label: {s: [""] * len(cases) for s, cases in sets.items()} for c in contestants}
+    out = {c.label: {s: [""] * len(ps) for s, ps in prompts.items()} for c in contestants}
     pending = [0]
     errors: list[Exception] = []
-    total = len(contestants) * sum(len(c) for c in sets.values())
+    total = len(contestants) * sum(len(ps) for ps in prompts.values())
     with progress(label, total, "answers") as bar:
 
         def sink_for(c: Contestant, s: str, i: int):
@@ -116,10 +116,9 @@ def answer(
 
         for k, c in enumerate(contestants):
             adapters = [(Source(f"eval{k}-{c.adapter.name}", "", c.adapter), 1.0)] if c.adapter is not None else []
-            for s, cases in sets.items():
+            for s, ps in prompts.items():
                 params = SamplingParams(max_new_tokens=max_new_tokens[s])
-                for i, case in enumerate(cases):
-                    prompt = engine.tokenizer.encode_chat(case.messages)
+                for i, prompt in enumerate(ps):
                     engine.submit(prompt, params, adapters, sink_for(c, s, i))
                     pending[0] += 1
         engine.run_forever(until=lambda: pending[0] == 0)

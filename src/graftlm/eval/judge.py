@@ -159,11 +159,9 @@ class Judge:
                 ]
         raise MalformedReplyError(f"{error} (after {self.config.reply_tries} tries)")
 
-    def map(
-        self, fn: Callable[[T], R], items: Sequence[T], label: str = "judging"
-    ) -> tuple[list[R], JudgeUnavailableError | None]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T], label: str = "judging") -> list[R]:
         """`fn` over `items`, `concurrency` at a time, in order, with a progress bar. When the judge becomes
-        unavailable the results so far come back with the error (later items are not asked)."""
+        unavailable, PartialResults carries the results so far (later items are not asked)."""
         results: list[R] = []
         with ThreadPoolExecutor(self.config.concurrency) as pool, progress(label, len(items), "judged") as bar:
             futures = [pool.submit(fn, x) for x in items]
@@ -173,9 +171,9 @@ class Judge:
                 except JudgeUnavailableError as e:
                     for rest in futures:
                         rest.cancel()
-                    return results, e
+                    raise PartialResults(results, e) from e
                 bar.advance(1)
-        return results, None
+        return results
 
     def _complete(self, messages: list[dict[str, str]], reply: Reply) -> str:
         body: dict[str, Any] = {

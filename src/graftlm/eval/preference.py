@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from graftlm.eval.grade import Case, rate
-from graftlm.eval.judge import Judge, MalformedReplyError, PartialResults, Reply
+from graftlm.eval.judge import Judge, MalformedReplyError, Reply
 
 REPLY = Reply("preference", {"winner": ("A", "B", "tie")})
 SYSTEM = (
@@ -89,10 +89,7 @@ class SideBySide:
 
     def compare(self, cases: Sequence[Case], model: Sequence[str], other: Sequence[str]) -> list[Pair]:
         items = list(zip(cases, model, other, strict=True))
-        pairs, error = self.judge.map(lambda x: self.ask(*x), items, f"side by side ({self.judge.config.model})")
-        if error is not None:
-            raise PartialResults(pairs, error)
-        return pairs
+        return self.judge.map(lambda x: self.ask(*x), items, f"side by side ({self.judge.config.model})")
 
 
 def preference_figures(pairs: Sequence[Pair]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from graftlm.errors import ConfigError
 from graftlm.eval.grade import Case, Grade, mean_score, rate
-from graftlm.eval.judge import Judge, MalformedReplyError, PartialResults, Reply
+from graftlm.eval.judge import Judge, MalformedReplyError, Reply
 from graftlm.registry.records import NAME
 
 LABELS = ("good", "neutral", "poor")
@@ -135,14 +135,8 @@ class RubricGrader:
         return Grade(POINTS[verdict], verdict, [got["reason"]] if got["reason"] else [], labels)
 
     def grade(self, cases: Sequence[Case], outputs: Sequence[str]) -> list[Grade]:
-        grades, error = self.judge.map(
-            lambda pair: self.grade_one(*pair),
-            list(zip(cases, outputs, strict=True)),
-            f"{self.name} ({self.judge.config.model})",
-        )
-        if error is not None:
-            raise PartialResults(grades, error)
-        return grades
+        pairs = list(zip(cases, outputs, strict=True))
+        return self.judge.map(lambda pair: self.grade_one(*pair), pairs, f"{self.name} ({self.judge.config.model})")
 
     def figures(self, grades: Sequence[Grade]) -> dict[str, float]:
         return rubric_figures(grades, [d.name for d in self.rubric.dimensions])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graftlm.eval.grade import Case, Grade, mean_score, rate
-from graftlm.eval.judge import Judge, MalformedReplyError, PartialResults, Reply
+from graftlm.eval.judge import Judge, MalformedReplyError, Reply
 from graftlm.train.data import DataError, read_jsonl
 
 PROMPTS = Path(__file__).parent / "data" / "safety.jsonl"
@@ -76,14 +76,8 @@ class SafetyGrader:
         )
 
     def grade(self, cases: Sequence[Case], outputs: Sequence[str]) -> list[Grade]:
-        grades, error = self.judge.map(
-            lambda pair: self.grade_one(*pair),
-            list(zip(cases, outputs, strict=True)),
-            f"safety ({self.judge.config.model})",
-        )
-        if error is not None:
-            raise PartialResults(grades, error)
-        return grades
+        pairs = list(zip(cases, outputs, strict=True))
+        return self.judge.map(lambda pair: self.grade_one(*pair), pairs, f"safety ({self.judge.config.model})")
 
     def figures(self, grades: Sequence[Grade]) -> dict[str, float]:
         n, failed = len(grades), sum(g.failed for g in grades)

@@ -212,7 +212,7 @@ def run_suite(
     tok: Tokenizer,
     contestants: Sequence[Contestant],
     plan: Plan,
-    data: Path | None,
+    sets: dict[str, list[Case]],
     meta: dict[str, Any],
     out: Path | None = None,
     max_batch: int = 32,
@@ -220,9 +220,8 @@ def run_suite(
     more: Callable[[dict[str, list[Case]], dict[str, int]], dict[str, dict[str, list[str]]]] | None = None,
     announce: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """Load the sets, answer them with every contestant in one engine pass (and `more`, answers from
+    """Answer the sets (`load_sets`) with every contestant in one engine pass (and `more`, answers from
     elsewhere such as another base model), grade everything; the evaluation document."""
-    sets = load_sets(plan, data)
     max_new = {s: plan.max_new_tokens for s in sets} | ({SAFETY: SAFETY_TOKENS} if SAFETY in sets else {})
     answers = answer_all(model, tok, contestants, sets, max_new, max_batch, force)
     if more is not None:
@@ -231,11 +230,6 @@ def run_suite(
     suite = start(plan, sets, list(answers), meta, out)
     judge = Judge(plan.judge) if plan.judge is not None else None
     return grade_all(suite, plan, sets, answers, judge, announce)
-
-
-def headline(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, float]]]:
-    """(contestant, grader, figures) in the document's order, for tables."""
-    return [(label, name, g["figures"]) for label, c in doc["contestants"].items() for name, g in c["graders"].items()]
 
 
 def flat_figures(doc: dict[str, Any], label: str) -> dict[str, float]:

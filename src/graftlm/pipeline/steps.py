@@ -10,7 +10,7 @@ from graftlm.eval.answers import Contestant
 from graftlm.eval.judge import JudgeConfig
 from graftlm.eval.runner import Task, evaluate
 from graftlm.eval.safety import PROMPTS
-from graftlm.eval.suite import Plan, run_suite
+from graftlm.eval.suite import Plan, load_sets, run_suite
 from graftlm.loading import catalog
 from graftlm.loading.merged import load_merged
 from graftlm.lora.config import TARGETS, LoraConfig
@@ -95,4 +95,5 @@ def grade(base: str, a: AdapterSpec, candidate: Path, prod: Path | None) -> dict
     )
     model, tok, source = catalog.load(base)
     meta = {"task": a.name, "data": str(a.test_file), "model": source.name}
-    return run_suite(model, tok, contestants, plan, a.test_file, meta, max_batch=int(e.get("batch", 32)))
+    sets = load_sets(plan, a.test_file)
+    return run_suite(model, tok, contestants, plan, sets, meta, max_batch=int(e.get("batch", 32)))
