@@ -104,3 +104,11 @@ def test_a_judged_grader_needs_a_judge(tmp_path: Path, tiny_dir: Path) -> None:
     spec.write_text(spec.read_text().replace('judge_url = "http://127.0.0.1:1/v1"\n', ""))
     with pytest.raises(SpecError, match="a judge grades here; set judge_url and judge_model"):
         load_spec(spec)
+
+
+def test_a_per_dimension_figure_needs_the_rubric(tmp_path: Path, tiny_dir: Path) -> None:
+    spec = workspace(tmp_path, tiny_dir, "http://127.0.0.1:1/v1", '"composition_good_rate >= 0.5"')
+    load_spec(spec)  # the rubric grader is configured
+    spec.write_text(spec.read_text().replace('graders = ["rubric"]', 'graders = ["instructions"]'))
+    with pytest.raises(SpecError, match="no configured grader gives composition_good_rate"):
+        load_spec(spec)

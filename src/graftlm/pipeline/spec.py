@@ -393,8 +393,9 @@ def _check_rules(gate: Gate, metric: str, evals: dict[str, Any], where: str) -> 
         if r.compared:
             ok = bare in PREFERENCE or bare == "failed_rate"
         else:
-            ok = bare in graders or any(bare in FIGURES.get(g, ()) or bare.endswith("_good_rate") for g in graders)
-            ok = ok or bare in ("score", "failed_rate") or name.split(".")[0] in graders
+            given = {bare for g in graders for bare in FIGURES.get(g, ())} | graders | {"score", "failed_rate"}
+            per_dimension = "rubric" in graders and bare.endswith("_good_rate")  # composition_good_rate, ...
+            ok = bare in given or per_dimension or name.split(".")[0] in graders
         if not ok:
             raise SpecError(
                 f"{where}: gate rule '{r}': no configured grader gives {name} (graders: {', '.join(sorted(graders))})"
