@@ -9,15 +9,23 @@ Prints prefill ms per prompt token (512-token prompt) and decode tokens/s at bat
 (128-token prompts, 64 new tokens; prefill time subtracted), with the ratio graftlm / transformers.
 With --paths, also graftlm's decode rate with the few-row products' path chosen per shape by timing
 (the default), always the gemv kernel and always PyTorch's, in turn in each round (medians).
+
+With --palettized DIR (repeatable: checkpoints `graftlm palettize` wrote) the compressed models decode
+too, each with its integer products (the default: int8 tables, activations in 8 bits per block) and
+with the float kernel, beside graftlm's float32 model; with --gguf FILE (repeatable, llama-cpp-python
+installed: the `bench` extra) llama.cpp decodes those files at batch 1 as the peer. All of them take
+turns within each round, so a slow spell of the host hits every side.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -64,17 +72,30 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--paths", action="store_true", help="also compare graftlm's product paths")
+    ap.add_argument("--palettized", action="append", default=[], metavar="DIR", help="a palettized checkpoint")
+    ap.add_argument("--gguf", action="append", default=[], metavar="FILE", help="a GGUF file for llama.cpp")
+    ap.add_argument(
+        "--decode-ppl",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="held-out tokens to score one at a time with integer and float products (0: none)",
+    )
+    ap.add_argument("--skip-transformers", action="store_true", help="only the --palettized/--gguf table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
 
     model, tok, source = catalog.load(args.model)
+    if args.skip_transformers:
+        compressed_table(Generator(model, tok), args, Console(width=120))
+        return
     ref = LlamaForCausalLM.from_pretrained(source.checkpoint, dtype=torch.float32).eval()
     ref.generation_config.eos_token_id = None
     gen = Generator(model, tok)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    console = Console()
+    console = Console(width=120)
     console.print(
         f"{source.name}: {model.num_parameters() / 1e6:.1f}M parameters, float32, "
         f"{torch.get_num_threads()} threads, medians of {args.repeats}"
@@ -110,6 +131,100 @@ def main() -> None:
     console.print(table)
     if args.paths:
         compare_paths(gen, torch.randint(100, vocab, (32, 128), generator=g), args, console)
+    if args.palettized or args.gguf:
+        compressed_table(gen, args, console)
+
+
+def integer_products(on: bool) -> None:
+    from graftlm.quant.linear import PalettizedLinear
+
+    PalettizedLinear.integer_products = on
+
+
+def llama_cpp_run(path: str, prompt: list[int], threads: int) -> Callable[[int], object]:
+    """A run of n greedy tokens after `prompt` with llama.cpp (the model loaded once)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=len(prompt) + 256, n_threads=threads, verbose=False)
+
+    def run(n: int) -> None:
+        llm.reset()
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), 1):
+            if i == n:
+                break
+
+    return run
+
+
+def decode_perplexity(model: torch.nn.Module, chunks: list[list[int]]) -> float:
+    """Perplexity with every token fed alone through the KV cache, as decoding computes it: the few-row
+    products (the integer ones by default) instead of the whole-sequence products perplexity uses."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for seq in chunks:
+            cache = KVCache(model.config, 1, len(seq))
+            for i in range(len(seq) - 1):
+                logits = model(torch.tensor([[seq[i]]]), cache=cache, start=i)[0, -1]
+                total += float(torch.log_softmax(logits.float(), -1)[seq[i + 1]].neg())
+                count += 1
+    return math.exp(total / count)
+
+
+def compressed_table(gen: Generator, args: argparse.Namespace, console: Console) -> None:
+    """Decode tokens/s of the float32 model, each palettized model (integer and float products) and each
+    llama.cpp file, at batch 1 (and 8 for graftlm), all in turn within each round."""
+    g = torch.Generator().manual_seed(1)
+    vocab = gen.model.config.vocab_size
+    prompts = torch.randint(100, vocab, (8, 128), generator=g).tolist()
+    sides: dict[str, tuple[Callable[[], None], Callable[[int], object], int]] = {}  # label -> (setup, run, batch)
+    gens = [("graftlm float32", gen)]
+    for path in args.palettized:
+        m, t, src = catalog.load(path)
+        gens.append((f"graftlm {src.name}", Generator(m, t)))
+    for label, gn in gens:
+        for batch in (1, 8):
+            run = partial(ours_generate, gn, prompts[:batch])
+            if label == "graftlm float32":
+                sides[f"{label}, batch {batch}"] = (partial(integer_products, True), run, batch)
+                continue
+            for on, how in ((True, "integer"), (False, "float")):
+                sides[f"{label} ({how} products), batch {batch}"] = (partial(integer_products, on), run, batch)
+    for path in args.gguf:
+        try:
+            run = llama_cpp_run(path, prompts[0], args.threads)
+        except ImportError:
+            console.print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp rows")
+            break
+        sides[f"llama.cpp {Path(path).name}, batch 1"] = (partial(integer_products, True), run, 1)
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(args.repeats):
+        for key, (setup, run, batch) in sides.items():
+            setup()
+            rates[key].append(decode_rate(run, batch, args.new_tokens, 1))
+    integer_products(True)
+    if args.decode_ppl:
+        from palettize import held_out_chunks
+
+        chunks = held_out_chunks(gen.tokenizer, args.decode_ppl)
+        ppl = Table(title=f"perplexity, {args.decode_ppl} held-out tokens fed one at a time (the decode path)")
+        for col in ("model", "integer products", "float products"):
+            ppl.add_column(col, justify="left" if col == "model" else "right")
+        for label, gn in gens[1:]:
+            row = []
+            for on in (True, False):
+                integer_products(on)
+                row.append(f"{decode_perplexity(gn.model, chunks):.3f}")
+            ppl.add_row(label, *row)
+        integer_products(True)
+        console.print(ppl)
+    table = Table(title=f"decode tokens/s, {args.new_tokens} new tokens after 128, medians of {args.repeats} rounds")
+    for col in ("model", "tokens/s", "vs graftlm float32 (same batch)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for key, r in rates.items():
+        batch = sides[key][2]
+        base = statistics.median(rates[f"graftlm float32, batch {batch}"])
+        table.add_row(key, f"{statistics.median(r):.1f}", f"{statistics.median(r) / base:.2f}x")
+    console.print(table)
 
 
 def compare_paths(gen: Generator, prompts: torch.Tensor, args: argparse.Namespace, console: Console) -> None:

@@ -50,6 +50,13 @@ def _tokens(vocab: int, shape: tuple[int, int] = (3, 11)) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def float_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests compare with the dense reference to float32 rounding: the float kernel's products. The
+    integer products (8-bit activations) have their own tests below and in test_palette.py."""
+    monkeypatch.setattr(PalettizedLinear, "integer_products", False)
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 def test_palettized_forward_equals_dense_reference(
     tiny_dir: Path, kernel: bool, monkeypatch: pytest.MonkeyPatch
@@ -63,6 +70,32 @@ def test_palettized_forward_equals_dense_reference(
         assert (pal(x) - ref(x)).abs().max() <= 1e-4
         one = x[:1, :1]  # one row: the fused kernel path
         assert (pal(one) - ref(one)).abs().max() <= 1e-4
+
+
+def test_integer_products_stay_close_to_the_dense_reference(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PalettizedLinear, "integer_products", True)
+    pal, ref = palettized_pair(tiny_dir)
+    if not any(m.kernel_tables().integer for m in pal.modules() if isinstance(m, PalettizedLinear)):
+        pytest.skip("no integer LUT kernel here (needs a compiler and AVX2 with BMI2)")
+    x = _tokens(pal.config.vocab_size, (4, 1))  # four single-token rows: the fused path
+    with torch.no_grad():
+        got, want = pal(x), ref(x)
+    # every projection's product within about 1% (test_palette.py); through the whole model a few percent
+    assert float((got - want).norm() / want.norm()) < 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_kernel_tables_follow_the_buffers(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tuning writes tables in place and may replace buffers: the kernels' copies must follow."""
+    pal, _ = palettized_pair(tiny_dir)
+    layer = pal.layers[0].mlp.up_proj
+    x = torch.randn(1, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        layer.tables.mul_(2)  # in place
+        assert torch.allclose(layer(x), 2 * before, rtol=1e-4, atol=1e-5)
+        layer.tables = layer.tables / 2  # a new tensor
+        assert torch.allclose(layer(x), before, rtol=1e-4, atol=1e-5)
 
 
 def test_generation_matches_the_dense_reference(tiny_dir: Path) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from graftlm.quant import lut
 from graftlm.quant.kmeans import kmeans
-from graftlm.quant.pack import BITS
+from graftlm.quant.pack import BITS, unpack
 from graftlm.quant.palette import Palette
 
 
@@ -122,3 +122,47 @@ def test_importance_pulls_the_table_towards_important_values() -> None:
     plain, weighted = Palette.of(w, 2, 16), Palette.of(w, 2, 16, imp)
     err = lambda p: float((p.dense() - w)[:, :4].square().sum())  # noqa: E731
     assert err(weighted) < err(plain)
+
+
+def integer_products_reference(x: torch.Tensor, p: Palette) -> torch.Tensor:
+    """The integer path computed directly, in float64: x (times input scales) rounded to int8 per block of
+    32 with scale max|x|/127, each table to int8 with scale max|t|/127, integer dot products per block."""
+    xs = x.double() * (1 if p.in_scales is None else p.in_scales.double())
+    blocks = xs.view(x.shape[0], -1, 32)
+    xd = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(xd > 0, blocks / xd.clamp(min=1e-300), 0).round()
+    t = p.tables.double()
+    td = t.abs().amax(1, keepdim=True) / 127
+    tq = torch.where(td > 0, t / td.clamp(min=1e-300), 0).round()
+    idx = unpack(p.packed, p.bits, p.in_features)
+    groups = (torch.arange(p.shape[0]) // p.group_size) if p.group_size else torch.zeros(p.shape[0], dtype=torch.long)
+    wq = tq[groups[:, None], idx].view(p.shape[0], -1, 32)  # [out, blocks, 32] integers
+    sums = torch.einsum("nbj,obj->nob", xq, wq)  # exact in float64
+    y = (sums * xd[:, None, :, 0]).sum(-1) * td[groups, 0]
+    return y * (1 if p.scales is None else p.scales.double())
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "row_scale", "in_scale"),
+    [(2, 16, True, False), (3, 4, False, True), (4, 16, True, True), (6, 0, True, False)],
+)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_integer_products_equal_a_direct_computation(
+    bits: int, group: int, row_scale: bool, in_scale: bool, rows: int
+) -> None:
+    if not lut.q8_usable(bits, 96):
+        pytest.skip("no integer LUT kernel here (needs a compiler and AVX2 with BMI2)")
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(37, 96, generator=g)
+    in_scales = torch.rand(96, generator=g) + 0.5 if in_scale else None
+    p = Palette.of(w, bits, group, row_scale=row_scale, in_scales=in_scales)
+    x = torch.randn(rows, 96, generator=g)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by it
+    qt, qs = lut.q8_tables(p.tables)
+    scales = None if p.scales is None else p.scales.float()
+    in_scales = None if p.in_scales is None else p.in_scales.float()
+    got = lut.Q8Linear(p.packed, qt, qs, scales, in_scales, None, bits, group, 96)(x)
+    want = integer_products_reference(x, p)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    dense = x @ p.dense().T  # what they approximate
+    assert float((got - dense).norm() / dense.norm()) < 0.02

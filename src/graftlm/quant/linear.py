@@ -18,7 +18,48 @@ from graftlm.quant.pack import row_bytes, unpack
 from graftlm.quant.palette import Palette, n_groups, row_groups
 
 
+class KernelTables:
+    """What the fused kernels read besides the indices, made once from a layer's float16 buffers: float32
+    tables and scales, and the tables as int8 with one scale each for the integer products. Remade when a
+    buffer changes (tuning writes them in place)."""
+
+    def __init__(self, layer: PalettizedLinear):
+        self.key = KernelTables.key_of(layer)
+        self.tables = layer.tables.float().contiguous()
+        self.scales = None if layer.scales is None else layer.scales.float().contiguous()
+        self.in_scales = None if layer.in_scales is None else layer.in_scales.float().contiguous()
+        self.integer: lut.Q8Linear | None = None
+        if layer.integer_products and lut.q8_usable(layer.bits, layer.in_features) and layer.packed.is_contiguous():
+            qtables, qscales = lut.q8_tables(self.tables)
+            bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+            self.integer = lut.Q8Linear(
+                layer.packed, qtables, qscales, self.scales, self.in_scales, bias,
+                layer.bits, layer.group_size, layer.in_features,
+            )  # fmt: skip
+
+    @staticmethod
+    def key_of(layer: PalettizedLinear) -> tuple[bool, tuple[torch.Tensor | None, ...], tuple[int | None, ...]]:
+        """The buffers themselves (compared by identity: a replaced buffer is a new object) and their
+        versions (an in-place write bumps it)."""
+        bufs = (layer.packed, layer.tables, layer.scales, layer.in_scales, layer.bias)
+        return layer.integer_products, bufs, tuple(None if t is None else t._version for t in bufs)
+
+    def fits(self, layer: PalettizedLinear) -> bool:
+        """Whether these copies were made from the layer's current buffers."""
+        integer, bufs, versions = KernelTables.key_of(layer)
+        return (
+            integer == self.key[0]
+            and versions == self.key[2]
+            and all(a is b for a, b in zip(bufs, self.key[1], strict=True))
+        )
+
+
 class PalettizedLinear(nn.Module):
+    # Decoding's few-row products take the integer kernel (int8 tables, activations quantized to 8 bits
+    # per block of 32: about 0.7% relative error per product, as llama.cpp's quantized types); False keeps
+    # the float kernel, whose products equal the dequantized weight's to float32 rounding.
+    integer_products = True
+
     def __init__(self, palette: Palette, bias: torch.Tensor | None = None):
         super().__init__()
         self.bits, self.group_size = palette.bits, palette.group_size
@@ -30,6 +71,14 @@ class PalettizedLinear(nn.Module):
         self.in_scales: torch.Tensor | None
         self.register_buffer("in_scales", palette.in_scales)  # [in] float16, or None (no input scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._kernel_tables: KernelTables | None = None
+
+    def kernel_tables(self) -> KernelTables:
+        """The fused kernels' copies of the tables and scales (see `KernelTables`)."""
+        k = self._kernel_tables
+        if k is None or not k.fits(self):
+            k = self._kernel_tables = KernelTables(self)
+        return k
 
     @classmethod
     def empty(
@@ -95,12 +144,16 @@ class PalettizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         fused = x2.shape[0] <= lut.FUSED_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
         if fused and self._kernel_ok(x2):
-            if self.in_scales is not None:  # W = W' diag(s), so W x = W' (s ⊙ x)
-                x2 = x2 * self.in_scales.float()
-            t32 = self.tables.float()
-            y = lut.matmul(x2.contiguous(), self.packed, t32, self._scales32(), self.bits, self.group_size)
-            if self.bias is not None:
-                y += self.bias
+            k = self.kernel_tables()
+            x2 = x2.contiguous()
+            if k.integer is not None:
+                y = k.integer(x2)
+            else:
+                if k.in_scales is not None:  # W = W' diag(s), so W x = W' (s ⊙ x)
+                    x2 = x2 * k.in_scales
+                y = lut.matmul(x2, self.packed, k.tables, k.scales, self.bits, self.group_size)
+                if self.bias is not None:
+                    y += self.bias
         else:
             y = F.linear(x2, self.dense_weight().to(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
