@@ -12,9 +12,10 @@ With --paths, also graftlm's decode rate with the few-row products' path chosen 
 
 With --palettized DIR (repeatable: checkpoints `graftlm palettize` wrote) the compressed models decode
 too, each with its integer products (the default: int8 tables, activations in 8 bits per block) and
-with the float kernel, beside graftlm's float32 model; with --gguf FILE (repeatable, llama-cpp-python
-installed: the `bench` extra) llama.cpp decodes those files at batch 1 as the peer. All of them take
-turns within each round, so a slow spell of the host hits every side.
+with the float kernel, beside graftlm's float32 model; one sequence both through the native step (the
+default: `graftlm.engine.native_step`) and through the model's forward every step. With --gguf FILE
+(repeatable; llama-cpp-python installed: the `bench` extra) llama.cpp decodes those files at batch 1 as
+the peer. All of them take turns within each round, so a slow spell of the host hits every side.
 """
 
 from __future__ import annotations
@@ -182,13 +183,15 @@ def compressed_table(gen: Generator, args: argparse.Namespace, console: Console)
         m, t, src = catalog.load(path)
         gens.append((f"graftlm {src.name}", Generator(m, t)))
     for label, gn in gens:
-        for batch in (1, 8):
-            run = partial(ours_generate, gn, prompts[:batch])
+        plain = Generator(gn.model, gn.tokenizer, native=False)
+        for batch, g_, how in ((1, gn, ""), (1, plain, ", a forward per step"), (8, gn, "")):
+            run = partial(ours_generate, g_, prompts[:batch])
             if label == "graftlm float32":
-                sides[f"{label}, batch {batch}"] = (partial(integer_products, True), run, batch)
+                sides[f"{label}, batch {batch}{how}"] = (partial(integer_products, True), run, batch)
                 continue
-            for on, how in ((True, "integer"), (False, "float")):
-                sides[f"{label} ({how} products), batch {batch}"] = (partial(integer_products, on), run, batch)
+            for on, kind in ((True, "integer"), (False, "float")):
+                key = f"{label} ({kind} products), batch {batch}{how}"
+                sides[key] = (partial(integer_products, on), run, batch)
     for path in args.gguf:
         try:
             run = llama_cpp_run(path, prompts[0], args.threads)
@@ -218,11 +221,12 @@ def compressed_table(gen: Generator, args: argparse.Namespace, console: Console)
         integer_products(True)
         console.print(ppl)
     table = Table(title=f"decode tokens/s, {args.new_tokens} new tokens after 128, medians of {args.repeats} rounds")
-    for col in ("model", "tokens/s", "vs graftlm float32 (same batch)"):
+    for col in ("model", "tokens/s", "vs graftlm float32 (same batch and step)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for key, r in rates.items():
         batch = sides[key][2]
-        base = statistics.median(rates[f"graftlm float32, batch {batch}"])
+        suffix = ", a forward per step" if key.endswith(", a forward per step") else ""
+        base = statistics.median(rates[f"graftlm float32, batch {batch}{suffix}"])
         table.add_row(key, f"{statistics.median(r):.1f}", f"{statistics.median(r) / base:.2f}x")
     console.print(table)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from graftlm.engine.kv_cache import KVCache
+from graftlm.engine.native_step import NativeStep
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.sequence import Decoding, check_prompt
 from graftlm.errors import ConfigError
@@ -38,8 +39,10 @@ class StepEvent:
 
 
 class Generator:
-    def __init__(self, model: Llama, tokenizer: Tokenizer):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, native: bool = True):
         self.model = model
+        # one sequence decodes through `NativeStep` where it applies (False: always through the forward)
+        self.native = native
         self.tokenizer = tokenizer
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
         self.pad_id = tokenizer.pad_id
@@ -101,6 +104,7 @@ class Generator:
         done = [False] * b
 
         logits = self.model(tokens, positions, cache, 0, valid[:, :width], last_only=True)[:, -1]  # [B, V]
+        native = NativeStep.build(self.model, cache) if b == 1 and self.native else None
         start = width
         for _ in range(max(budget)):
             next_ids = [self.pad_id] * b
@@ -113,6 +117,10 @@ class Generator:
                 yield StepEvent(i, got.token, got.delta, got.finish_reason)
             if all(done):
                 return
+            if native is not None:  # one sequence: the whole stack of layers in one native call
+                logits = native([next_ids[0]], start)
+                start += 1
+                continue
             valid[:, start] = True
             step_tokens = torch.tensor(next_ids, device=device)[:, None]  # [B, 1]
             step_pos = (start - pad)[:, None]  # [B, 1]

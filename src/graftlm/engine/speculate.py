@@ -18,6 +18,7 @@ import torch
 
 from graftlm.engine.generate import StepEvent
 from graftlm.engine.kv_cache import KVCache
+from graftlm.engine.native_step import NativeStep
 from graftlm.engine.sampling import SamplingParams, filter_logits, sample
 from graftlm.engine.sequence import Decoding, check_prompt
 from graftlm.errors import ConfigError
@@ -115,6 +116,7 @@ def speculative_steps(
     cache = KVCache(model.config, 1, min(window, len(prompt) + budget + k + 1), model.dtype, device)
     tokens = torch.tensor([list(prompt)], device=device)
     logits = model(tokens, None, cache, 0, last_only=True)[:, -1]  # [1, V]
+    native = NativeStep.build(model, cache) if k + 1 <= NativeStep.MAX_TOKENS else None
     history = list(prompt)
     new = [row.choose(logits[0])]
     start = len(prompt)  # the cache holds positions [0, start); new[-1] is not in it yet
@@ -128,9 +130,12 @@ def speculative_steps(
                 return
         room = min(k, budget - row.produced - 1, cache.max_len - start - 1)
         draft = propose(history, room) if room > 0 else []
-        ids = torch.tensor([[history[-1], *draft]], device=device)  # [1, 1 + len(draft)]
-        positions = torch.arange(start, start + ids.shape[1], device=device)[None]
-        logits = model(ids, positions, cache, start)[0]  # [1 + len(draft), V]
+        if native is not None:  # the verification forward as one native call
+            logits = native([history[-1], *draft], start)  # [1 + len(draft), V]
+        else:
+            ids = torch.tensor([[history[-1], *draft]], device=device)  # [1, 1 + len(draft)]
+            positions = torch.arange(start, start + ids.shape[1], device=device)[None]
+            logits = model(ids, positions, cache, start)[0]
         new = verify(logits, draft, params, row.generator)
         stats.forwards += 1
         stats.drafted += len(draft)
