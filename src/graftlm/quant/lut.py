@@ -191,10 +191,8 @@ static inline __m256i lookup(const __m256i ix, const __m256i *t, const int B) {
 /* One table's int8 entries as lookup() takes them: 16 entries in both 128-bit halves (pshufb looks up
    within each half), or for 64 entries two registers of 32 (VBMI) or four of 16 (AVX2). */
 static inline void tables_of(const int8_t *q, const int B, __m256i *t) {
-    if (B <= 4) {
-        int8_t tb[16] = {0};
-        for (int e = 0; e < (1 << B); e++) tb[e] = q[e];
-        t[0] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tb));
+    if (B <= 4) {  /* tables of fewer entries are padded to 16 in memory: one load, no byte stores first */
+        t[0] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
         return;
     }
 #if defined(__AVX512VBMI__) && defined(__AVX512VL__)
@@ -205,6 +203,13 @@ static inline void tables_of(const int8_t *q, const int B, __m256i *t) {
 #endif
 }
 
+static inline float hsum_max(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -212,21 +217,28 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* x [n_x, in_f] float (times in_scales [in_f] if given) -> q [n_x, in_f] int8, d [n_x, in_f/32] float. */
+/* x [n_x, in_f] float (times in_scales [in_f] if given) -> q [n_x, in_f] int8, d [n_x, in_f/32] float:
+   per block of 32, scale max|x|/127 and q = x/scale rounded to nearest, ties to even. */
 static void q8_quantize(const float *x, const float *in_scales, int8_t *q, float *d, int64_t n_x, int64_t in_f) {
     const int64_t nb = in_f / Q8_BLOCK;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t r = 0; r < n_x; r++)
         for (int64_t b = 0; b < nb; b++) {
             const float *xs = x + r * in_f + b * Q8_BLOCK;
-            float v[Q8_BLOCK], m = 0.f;
-            for (int j = 0; j < Q8_BLOCK; j++) {
-                v[j] = in_scales ? xs[j] * in_scales[b * Q8_BLOCK + j] : xs[j];
-                const float a = v[j] < 0 ? -v[j] : v[j];
-                m = a > m ? a : m;
+            __m256 v[4], m = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++) {
+                v[j] = _mm256_loadu_ps(xs + 8 * j);
+                if (in_scales) v[j] = _mm256_mul_ps(v[j], _mm256_loadu_ps(in_scales + b * Q8_BLOCK + 8 * j));
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
             }
-            const float s = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
-            d[r * nb + b] = s;
-            for (int j = 0; j < Q8_BLOCK; j++) q[r * in_f + b * Q8_BLOCK + j] = (int8_t)__builtin_lrintf(v[j] * inv);
+            const float mx = hsum_max(m), inv = mx > 0.f ? 127.f / mx : 0.f;
+            d[r * nb + b] = mx / 127.f;
+            __m256i i[4];
+            for (int j = 0; j < 4; j++) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+            /* packs work within 128-bit halves: the permute puts the 32 bytes back in order */
+            const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256((__m256i *)(q + r * in_f + b * Q8_BLOCK), _mm256_permutevar8x32_epi32(w, order));
         }
 }
 
@@ -246,7 +258,7 @@ static void q8_matmul_##B(const int8_t *xq, const float *xd, const uint8_t *pack
     for (int64_t o = 0; o < out_f; o++) {                                                            \
         const int64_t g = group_size ? o / group_size : 0;                                           \
         __m256i t[4];                                                                                \
-        tables_of(qt + g * k, B, t);                                                                 \
+        tables_of(qt + g * (k < 16 ? 16 : k), B, t);                                                 \
         const uint8_t *p = packed + o * row_bytes, *end = packed + out_f * row_bytes;                \
         const float s = ts[g] * (scales ? scales[o] : 1.f), b0 = bias ? bias[o] : 0.f;               \
         if (n_x == 1) { /* decoding one sequence: two blocks per pass, independent sums */          \
@@ -400,11 +412,13 @@ def q8_usable(bits: int, in_f: int) -> bool:
 
 
 def q8_tables(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[groups, 2^bits] float tables -> (int8 tables, float32 scale per table): entry ≈ scale · int8."""
+    """[groups, 2^bits] float tables -> (int8 tables [groups, max(16, 2^bits)], float32 scale per table):
+    entry ≈ scale · int8; tables of fewer than 16 entries padded with zeros (the kernel loads 16 at once)."""
     t = tables.float()
     scale = t.abs().amax(1) / 127
     q = torch.where(scale[:, None] > 0, t / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None], 0.0)
-    return q.round().to(torch.int8).contiguous(), scale.contiguous()
+    q = torch.nn.functional.pad(q.round(), (0, max(0, 16 - t.shape[1])))
+    return q.to(torch.int8).contiguous(), scale.contiguous()
 
 
 class Q8Weight(ctypes.Structure):
