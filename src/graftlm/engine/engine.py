@@ -34,6 +34,7 @@ from graftlm.engine.admission import Placed
 from graftlm.engine.json_mode import JSON_OBJECT, JsonConstraint, JsonVocab
 from graftlm.engine.json_schema import compile_schema
 from graftlm.engine.kv_cache import RowKVCache
+from graftlm.engine.prefix_cache import PrefixCache
 from graftlm.engine.request import Output, Request
 from graftlm.engine.runner import ModelRunner, finite_rows
 from graftlm.engine.sampling import SamplingParams
@@ -59,6 +60,12 @@ class TenantBusyError(EngineOverloadedError):
     """One tenant has `max_queued_per_tenant` requests in the engine already."""
 
 
+def prefix_key(req: Request) -> tuple[tuple[str, tuple[int, int, int], float], ...]:
+    """What a prompt's keys and values depend on besides its tokens: each adapter's version (its name and
+    the weights file it was loaded from) and weight in the mix; () for the base model."""
+    return tuple((e.source.key, e.stamp, w) for e, (_, w) in zip(req.entries, req.adapters, strict=True))
+
+
 class NonFiniteOutputError(GraftlmError):
     """A request's forward gave NaN or infinite logits (its adapter or mix is broken); it alone fails."""
 
@@ -74,6 +81,9 @@ class EngineConfig:
         "bfloat16",
         "how resident adapters are held; bfloat16 is exact for adapters stored in bf16",
         choices=("bfloat16", "float32"),
+    )
+    prefix_cache_mb: float = setting(
+        256.0, "MB of keys and values kept for prompt prefixes that requests share (0: none)"
     )
     max_waiting: int = setting(10_000, "requests waiting for a row beyond which new ones are refused (503)")
     max_queued_per_tenant: int = setting(4096, "one tenant's requests in the engine, waiting or running (429)")
@@ -101,6 +111,7 @@ class Engine:
         self.kv = RowKVCache(model.config, config.max_batch, self.max_len, model.dtype, self.device)
         self.scheduler = Scheduler(self.kv, config.max_batch, config.prefill_tokens)
         self.runner = ModelRunner(model, self.kv, config.strategy)
+        self.prefix = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb > 0 else None
         self._incoming: deque[Request] = deque()
         self._open: Counter[str] = Counter()  # requests submitted and not finished, by tenant (under _cond)
         self._cond = threading.Condition()
@@ -269,6 +280,7 @@ class Engine:
                 self.decode_seconds += time.perf_counter() - t0
             if self.prefilling:
                 t0 = time.perf_counter()
+                self._restore_prefixes()
                 step = self.scheduler.next_prefill()
                 self.prefill_tokens += step.length if not step.packed else sum(len(r.prompt) for r in step.reqs)
                 logits = self.runner.prefill(step)
@@ -277,6 +289,15 @@ class Engine:
                 self.prefill_seconds += time.perf_counter() - t0
         self.steps += 1
         return True
+
+    def _restore_prefixes(self) -> None:
+        """Rows about to prefill take what the prefix cache holds of their prompts (checked again at each
+        step until they start: a prompt ahead of them may be storing the shared prefix)."""
+        if self.prefix is None:
+            return
+        for r in self.prefilling:
+            if r.filled == 0 and not r.alone:
+                r.filled = self.prefix.restore(prefix_key(r), r.prompt, self.kv, r.row)
 
     def _place(self, req: Request) -> Placed:
         """Ready `req` to take a row if its adapters are resident; a request that cannot run fails alone."""
@@ -331,6 +352,9 @@ class Engine:
             keep = [i for i, fine in enumerate(ok) if fine]
             reqs, logits = [reqs[i] for i in keep], logits[keep]
         self.scheduler.prefilled(reqs)
+        if self.prefix is not None:
+            for r in reqs:
+                self.prefix.store(prefix_key(r), r.prompt, self.kv, r.row)
         if reqs:
             self._choose(reqs, logits)
 

@@ -83,7 +83,7 @@ class Scheduler:
             return Prefill([first], packed=False, start=first.filled, length=length)
         group, total = [], 0
         for r in self.prefilling:
-            if group and total + len(r.prompt) > self.prefill_tokens:
+            if group and (total + len(r.prompt) > self.prefill_tokens or r.filled):  # r.filled: a cached prefix
                 break
             group.append(r)
             total += len(r.prompt)

@@ -55,6 +55,18 @@ def render_metrics(engine: Engine, shown: Callable[[str], bool] | None = None) -
         ("graftlm_prefill_tokens_total", "prompt tokens prefilled (with padding)", engine.prefill_tokens),
         ("graftlm_prefill_seconds_total", "seconds spent prefilling", round(engine.prefill_seconds, 3)),
     )
+    prefix = engine.prefix
+    if prefix is not None:
+        counters += (
+            ("graftlm_prefix_cache_hits_total", "prompts that reused a cached prefix", prefix.hits),
+            ("graftlm_prefix_cache_tokens_total", "prompt tokens taken from the prefix cache", prefix.tokens_reused),
+            ("graftlm_prefix_cache_evictions_total", "prefix blocks evicted", prefix.evictions),
+        )
+        lines += [
+            "# HELP graftlm_prefix_cache_bytes bytes of cached prefix keys and values",
+            "# TYPE graftlm_prefix_cache_bytes gauge",
+            f"graftlm_prefix_cache_bytes {prefix.nbytes}",
+        ]
     for metric, doc, value in counters:
         lines += [f"# HELP {metric} {doc}", f"# TYPE {metric} counter", f"{metric} {value}"]
     return "\n".join(lines) + "\n"
