@@ -106,9 +106,6 @@ class PalettizedLinear(nn.Module):
             self.packed, self.tables, self.bits, self.group_size, self.in_features, self.scales, self.in_scales
         )
 
-    def _scales32(self) -> torch.Tensor | None:
-        return None if self.scales is None else self.scales.float()
-
     @property
     def num_weights(self) -> int:
         return self.out_features * self.in_features
@@ -120,25 +117,27 @@ class PalettizedLinear(nn.Module):
         """Dequantized rows `ids` (any shape) -> [*ids.shape, in] float32: the embedding lookup."""
         flat = ids.reshape(-1)
         if lut.usable(self.packed, flat):
-            t32 = self.tables.float()
-            out = lut.dequant(self.packed, t32, self._scales32(), self.bits, self.group_size, self.in_features, flat)
+            k = self.kernel_tables()
+            out = lut.dequant(self.packed, k.tables, k.scales, self.bits, self.group_size, self.in_features, flat)
+            if k.in_scales is not None:
+                out.mul_(k.in_scales)
         else:
             idx = unpack(self.packed[flat], self.bits, self.in_features)  # [n, in]
             groups = row_groups(self.out_features, self.group_size, flat.device)[flat]
             out = self.tables.float()[groups[:, None], idx]
             if self.scales is not None:
                 out = out * self.scales.float()[flat, None]
-        if self.in_scales is not None:
-            out = out * self.in_scales.float()
+            if self.in_scales is not None:
+                out = out * self.in_scales.float()
         return out.view(*ids.shape, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized [out, in] float32 weight."""
         if not lut.usable(self.packed):
             return self.palette.dense().to(self.packed.device)
-        t32 = self.tables.float()
-        w = lut.dequant(self.packed, t32, self._scales32(), self.bits, self.group_size, self.in_features)
-        return w if self.in_scales is None else w.mul_(self.in_scales.float())
+        k = self.kernel_tables()
+        w = lut.dequant(self.packed, k.tables, k.scales, self.bits, self.group_size, self.in_features)
+        return w if k.in_scales is None else w.mul_(k.in_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [N, in]
