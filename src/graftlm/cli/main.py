@@ -22,14 +22,32 @@ from graftlm.cli import (
     recover,
     registry,
     report,
+    rl,
     serve,
+    synth,
     train,
 )
 from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
 
-COMMANDS = (generate, chat, train, evaluate, report, merge, palettize, recover, registry, pipeline, serve, info, demo)
+COMMANDS = (
+    generate,
+    chat,
+    train,
+    synth,
+    rl,
+    evaluate,
+    report,
+    merge,
+    palettize,
+    recover,
+    registry,
+    pipeline,
+    serve,
+    info,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,14 +15,13 @@ from pathlib import Path
 
 from graftlm.engine.adapter_finder import Source
 from graftlm.engine.engine import Engine, EngineConfig
-from graftlm.engine.request import Output
+from graftlm.engine.offline import Job, run_jobs
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import ConfigError
 from graftlm.eval.grade import Case
 from graftlm.lora.peft_io import CONFIG_FILE
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
-from graftlm.progress import progress
 
 
 @dataclass(frozen=True)
@@ -89,39 +88,16 @@ def answer(
     label: str = "answering",
 ) -> dict[str, dict[str, list[str]]]:
     """answers[contestant label][set name][i]: every contestant's greedy answer to every prompt (token ids)
-    of every set.
-
-    Runs the engine loop on the calling thread (the fast place for it) until every answer is in; a request
-    that fails raises its error after the others finish.
-    """
+    of every set, in one engine pass; a request that fails raises its error after the others finish."""
+    keys, jobs = [], []
+    for k, c in enumerate(contestants):
+        adapters = ((Source(f"eval{k}-{c.adapter.name}", "", c.adapter), 1.0),) if c.adapter is not None else ()
+        for s, ps in prompts.items():
+            params = SamplingParams(max_new_tokens=max_new_tokens[s])
+            for i, prompt in enumerate(ps):
+                keys.append((c.label, s, i))
+                jobs.append(Job(prompt, params, adapters))
     out = {c.label: {s: [""] * len(ps) for s, ps in prompts.items()} for c in contestants}
-    pending = [0]
-    errors: list[Exception] = []
-    total = len(contestants) * sum(len(ps) for ps in prompts.values())
-    with progress(label, total, "answers") as bar:
-
-        def sink_for(c: Contestant, s: str, i: int):
-            parts: list[str] = []
-
-            def sink(o: Output) -> None:
-                parts.append(o.delta)
-                if o.error is not None:
-                    errors.append(o.error)
-                if o.finish_reason is not None or o.error is not None:
-                    out[c.label][s][i] = "".join(parts).strip()
-                    pending[0] -= 1
-                    bar.advance(1)
-
-            return sink
-
-        for k, c in enumerate(contestants):
-            adapters = [(Source(f"eval{k}-{c.adapter.name}", "", c.adapter), 1.0)] if c.adapter is not None else []
-            for s, ps in prompts.items():
-                params = SamplingParams(max_new_tokens=max_new_tokens[s])
-                for i, prompt in enumerate(ps):
-                    engine.submit(prompt, params, adapters, sink_for(c, s, i))
-                    pending[0] += 1
-        engine.run_forever(until=lambda: pending[0] == 0)
-    if errors:
-        raise errors[0]
+    for (who, s, i), done in zip(keys, run_jobs(engine, jobs, label), strict=True):
+        out[who][s][i] = done.text.strip()
     return out

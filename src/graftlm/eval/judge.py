@@ -175,6 +175,11 @@ class Judge:
                 bar.advance(1)
         return results
 
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
+        """The endpoint's answer to a chat, with sampling settings (temperature, top_p, max_tokens, seed) as
+        the OpenAI API names them; a teacher of `graftlm synth` is asked this way."""
+        return self._answer({"model": self.config.model, "messages": messages, **sampling})
+
     def _complete(self, messages: list[dict[str, str]], reply: Reply) -> str:
         body: dict[str, Any] = {
             "model": self.config.model,
@@ -187,6 +192,9 @@ class Judge:
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
         elif self.config.response_format == "json_object":
             body["response_format"] = {"type": "json_object"}
+        return self._answer(body)
+
+    def _answer(self, body: dict[str, Any]) -> str:
         data = self._post(body)
         try:
             return str(data["choices"][0]["message"]["content"] or "")
