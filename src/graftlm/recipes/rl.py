@@ -190,7 +190,7 @@ def step_prompts(n: int, config: RLConfig, step: int) -> list[int]:
     return out
 
 
-def _engine(model: Llama, tok: Tokenizer, config: RLConfig, longest: int, rank: int) -> Engine:
+def sampler_engine(model: Llama, tok: Tokenizer, config: RLConfig, longest: int, rank: int) -> Engine:
     engine_config = EngineConfig(
         max_batch=min(64, config.batch * config.k),
         max_len=longest + config.max_new_tokens,
@@ -233,7 +233,7 @@ def train_rl(
     fingerprint = model.fingerprint()
     policy = Policy.start(model, lora or LoraConfig(), config, init_from)
     prompts = [tok.encode_chat(c.messages) for c in cases]
-    engine = _engine(sampler_model, tok, config, max(map(len, prompts)), policy.lora.r)
+    engine = sampler_engine(sampler_model, tok, config, max(map(len, prompts)), policy.lora.r)
     ckpt = checkpoint_dir(out)
     state: dict[str, Any] = {"step": 0, "seconds": 0.0, "tokens": 0, "history": []}
     if resume:
