@@ -133,3 +133,18 @@ def test_bad_teachers_are_refused(tmp_path: Path) -> None:
         Teacher.parse("http://127.0.0.1:1/v1")
     with pytest.raises(ConfigError, match="not an adapter folder"):
         Teacher.parse(str(tmp_path))
+
+
+def test_the_command_line_writes_data_that_graftlm_train_reads(tiny_dir: Path, tmp_path: Path, scorer) -> None:  # type: ignore[no-untyped-def]
+    from graftlm.cli.main import main
+
+    out = tmp_path / "data.jsonl"
+    args = ["synth", "-m", str(tiny_dir), "--prompts", str(_prompts(tmp_path)), "--out", str(out)]
+    assert (
+        main([*args, "--grader", "synthscore:length", "--min-score", "0.01", "--k", "2", "--max-new-tokens", "6"]) == 0
+    )
+    assert out.read_text() and (tmp_path / "data.jsonl.report.json").is_file()
+    assert (
+        main(["train", "-m", str(tiny_dir), "--data", str(out), "--out", str(tmp_path / "a"), "--max-steps", "1"]) == 0
+    )
+    assert main([*args, "--teacher", str(tmp_path / "nowhere")]) == 2  # a clear error, not a traceback
