@@ -11,6 +11,7 @@ import pytest
 from graftlm.errors import ConfigError
 from graftlm.eval.grade import Case
 from graftlm.eval.rewards import Reward, RewardError
+from graftlm.recipes.synth import Answer as A
 from graftlm.recipes.synth import SynthConfig, Teacher, choose, synthesize
 from tests.eval.judge_stub import StubJudge, user_text
 
@@ -41,18 +42,22 @@ def test_choose_keeps_the_best_passing_answer_or_none() -> None:
         [{"role": "user", "content": "Say hi in lowercase."}], fields={"checks": [{"check": "case", "case": "lower"}]}
     )
     reward = Reward.parse("instructions")
-    kept, counts = choose(case, {"a": ["Hi there", "hi there"], "b": ["hello", "HELLO"]}, reward)
+    kept, counts = choose(case, {"a": [A("Hi there"), A("hi there")], "b": [A("hello"), A("HELLO")]}, reward)
     assert kept is not None and kept["messages"][-1] == {"role": "assistant", "content": "hi there"}
     assert kept["teacher"] == "a"  # ties go to the first teacher's first passing answer
     assert counts == {"a": (1, 2), "b": (1, 2)}
-    none, counts = choose(case, {"a": ["Hi", "HI"]}, reward)
+    none, counts = choose(case, {"a": [A("Hi"), A("HI")]}, reward)
     assert none is None and counts == {"a": (0, 2)}
+    # an answer the token limit cut off is not finished: it fails unless asked for
+    cut = {"a": [A("hi, and then", cut=True)]}
+    assert choose(case, cut, reward)[0] is None and choose(case, cut, reward, keep_cut=True)[0] is not None
 
 
 def test_the_highest_reward_among_passing_answers_wins(scorer) -> None:  # type: ignore[no-untyped-def]
     case = Case([{"role": "user", "content": "Say something."}])
     reward = Reward.parse("synthscore:length", min_score=0.5)  # even lengths from 6 characters pass
-    kept, counts = choose(case, {"a": ["abcd", "abcdefgh", "abcdef"], "b": ["abcdefghijklmnopqrstuvwxyz"]}, reward)
+    answers = {"a": [A("abcd"), A("abcdefgh"), A("abcdef")], "b": [A("abcdefghijklmnopqrstuvwxyz")]}
+    kept, counts = choose(case, answers, reward)
     assert kept is not None and kept["teacher"] == "b" and counts == {"a": (2, 3), "b": (1, 1)}
 
 
@@ -67,7 +72,7 @@ def _prompts(tmp_path: Path, n: int = 5) -> Path:
 
 def test_a_run_keeps_passing_answers_reports_per_teacher_and_resumes(tiny_dir: Path, tmp_path: Path, scorer) -> None:  # type: ignore[no-untyped-def]
     prompts = _prompts(tmp_path)
-    config = SynthConfig(k=3, max_new_tokens=6, chunk=2)
+    config = SynthConfig(k=3, max_new_tokens=6, chunk=2, keep_cut=True)  # 6 tokens cut most answers
     reward = Reward.parse("synthscore:length", min_score=1e-9)  # even lengths pass
     straight = tmp_path / "straight.jsonl"
     report = synthesize(str(tiny_dir), prompts, [Teacher.parse("base")], reward, straight, config)
@@ -141,7 +146,21 @@ def test_the_command_line_writes_data_that_graftlm_train_reads(tiny_dir: Path, t
     out = tmp_path / "data.jsonl"
     args = ["synth", "-m", str(tiny_dir), "--prompts", str(_prompts(tmp_path)), "--out", str(out)]
     assert (
-        main([*args, "--grader", "synthscore:length", "--min-score", "0.01", "--k", "2", "--max-new-tokens", "6"]) == 0
+        main(
+            [
+                *args,
+                "--grader",
+                "synthscore:length",
+                "--min-score",
+                "0.01",
+                "--keep-cut",
+                "--k",
+                "2",
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        == 0
     )
     assert out.read_text() and (tmp_path / "data.jsonl.report.json").is_file()
     assert (

@@ -175,10 +175,12 @@ class Judge:
                 bar.advance(1)
         return results
 
-    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
-        """The endpoint's answer to a chat, with sampling settings (temperature, top_p, max_tokens, seed) as
-        the OpenAI API names them; a teacher of `graftlm synth` is asked this way."""
-        return self._answer({"model": self.config.model, "messages": messages, **sampling})
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> tuple[str, str]:
+        """The endpoint's answer to a chat and why it ended ("stop", "length", ...), with sampling settings
+        (temperature, top_p, max_tokens, seed) as the OpenAI API names them; `graftlm synth` asks teachers so."""
+        data = self._post({"model": self.config.model, "messages": messages, **sampling})
+        text = self._content(data)
+        return text, str(data["choices"][0].get("finish_reason") or "")
 
     def _complete(self, messages: list[dict[str, str]], reply: Reply) -> str:
         body: dict[str, Any] = {
@@ -195,7 +197,9 @@ class Judge:
         return self._answer(body)
 
     def _answer(self, body: dict[str, Any]) -> str:
-        data = self._post(body)
+        return self._content(self._post(body))
+
+    def _content(self, data: dict[str, Any]) -> str:
         try:
             return str(data["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):

@@ -52,6 +52,7 @@ class SynthConfig:
     chunk: int = setting(64, "prompts per round; progress is saved after each")
     seed: int = setting(0, "same seed, same answers (local teachers; endpoints as far as they honour seeds)")
     concurrency: int = setting(4, "requests in flight to each endpoint teacher")
+    keep_cut: bool = setting(False, "keep answers cut off at --max-new-tokens (by default they fail)")
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.chunk < 1 or self.max_new_tokens < 1 or self.concurrency < 1:
@@ -115,9 +116,9 @@ def _local_answers(
                 params = SamplingParams(config.max_new_tokens, config.temperature, top_p=config.top_p, seed=seed)
                 jobs.append(Job(prompt, params, adapters))
                 keys.append((t.spec, c_i))
-    out: dict[str, list[list[str]]] = {t.spec: [[] for _ in chunk] for _, t in teachers}
+    out: dict[str, list[list[Answer]]] = {t.spec: [[] for _ in chunk] for _, t in teachers}
     for (spec, c_i), done in zip(keys, run_jobs(engine, jobs, "teachers answer"), strict=True):
-        out[spec][c_i].append(done.text.strip())
+        out[spec][c_i].append(Answer(done.text.strip(), done.finish_reason == "length"))
     return out
 
 
@@ -125,16 +126,17 @@ def _endpoint_answers(t_i: int, t: Teacher, chunk: Sequence[tuple[int, Case]], c
     assert t.endpoint is not None
     client = Judge(t.endpoint)
 
-    def ask(item: tuple[int, int]) -> str:
+    def ask(item: tuple[int, int]) -> Answer:
         c_i, j = item
         place, case = chunk[c_i]
-        return client.chat(
+        text, why = client.chat(
             case.messages,
             temperature=config.temperature,
             top_p=config.top_p,
             max_tokens=config.max_new_tokens,
             seed=seed_of(config, place, t_i, j),
-        ).strip()
+        )
+        return Answer(text.strip(), why == "length")
 
     items = [(c, j) for c in range(len(chunk)) for j in range(config.k)]
     with ThreadPoolExecutor(config.concurrency) as pool, progress(f"{t.spec} answers", len(items), "answers") as bar:
@@ -145,24 +147,31 @@ def _endpoint_answers(t_i: int, t: Teacher, chunk: Sequence[tuple[int, Case]], c
     return [answers[c * config.k : (c + 1) * config.k] for c in range(len(chunk))]
 
 
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    cut: bool = False  # stopped by the token limit, not by the model: an unfinished answer
+
+
 def choose(
-    case: Case, candidates: dict[str, list[str]], reward: Reward
+    case: Case, candidates: dict[str, list[Answer]], reward: Reward, keep_cut: bool = False
 ) -> tuple[dict[str, Any] | None, dict[str, tuple[int, int]]]:
     """The best passing answer (highest reward; the first teacher's, then the first sample, on ties) as a
-    training line, or None when none passes; and (passed, proposed) per teacher."""
+    training line, or None when none passes; and (passed, proposed) per teacher. Empty answers fail, and
+    answers cut off at the token limit unless `keep_cut`."""
     flat = [(spec, a) for spec, answers in candidates.items() for a in answers]
-    scored = reward.score([case] * len(flat), [a for _, a in flat])
+    scored = reward.score([case] * len(flat), [a.text for _, a in flat])
     counts = {spec: (0, len(answers)) for spec, answers in candidates.items()}
     best: tuple[float, int] | None = None
     for i, ((spec, answer), s) in enumerate(zip(flat, scored, strict=True)):
-        if s.passed and answer:
+        if s.passed and answer.text and (keep_cut or not answer.cut):
             counts[spec] = (counts[spec][0] + 1, counts[spec][1])
             if best is None or s.reward > best[0]:
                 best = (s.reward, i)
     if best is None:
         return None, counts
     spec, answer = flat[best[1]]
-    line = {"messages": [*case.messages, {"role": "assistant", "content": answer}], "teacher": spec}
+    line = {"messages": [*case.messages, {"role": "assistant", "content": answer.text}], "teacher": spec}
     return line | {"reward": round(best[0], 6)}, counts
 
 
@@ -198,7 +207,7 @@ def synthesize(
         with progress("synthesizing", len(todo), "prompts") as bar:
             for r in range(0, len(todo), config.chunk):
                 chunk = todo[r : r + config.chunk]
-                answers: dict[str, list[list[str]]] = {}
+                answers: dict[str, list[list[Answer]]] = {}
                 if engine is not None:
                     answers |= _local_answers(engine, engine.tokenizer, local, chunk, config)
                 for t_i, t in enumerate(teachers):
@@ -206,7 +215,9 @@ def synthesize(
                         answers[t.spec] = _endpoint_answers(t_i, t, chunk, config)
                 lines = []
                 for c_i, (_, case) in enumerate(chunk):
-                    kept, counts = choose(case, {t.spec: answers[t.spec][c_i] for t in teachers}, reward)
+                    kept, counts = choose(
+                        case, {t.spec: answers[t.spec][c_i] for t in teachers}, reward, config.keep_cut
+                    )
                     lines.append({"key": prompt_key(case), "kept": kept, "counts": counts})
                 _append(_progress_file(out), lines)
                 done |= {line["key"]: line for line in lines}
