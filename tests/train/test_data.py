@@ -123,3 +123,10 @@ def test_buckets_cover_every_example_once_in_a_seeded_order(tok: Tokenizer, tmp_
 
     unsorted = [examples[i : i + 8] for i in range(0, len(examples), 8)]
     assert spread(a) < spread(unsorted) / 3  # similar lengths inside a batch
+
+
+def test_batches_are_made_on_the_models_device() -> None:
+    from graftlm.train.data import Example, collate
+
+    batch = collate([Example((1, 2, 3), (False, True, True), "x:1")], pad_id=0, device="meta")
+    assert batch.tokens.device.type == "meta" and batch.targets.device.type == "meta"

@@ -154,3 +154,8 @@ def test_kl_terms_are_zero_when_the_policy_is_the_reference() -> None:
     assert terms.kl_ref == 0.0 and terms.kl_ref_seq == 0.0
     with pytest.raises(ConfigError, match="unknown algorithm"):
         policy_loss(logp, logp, logp, torch.tensor([0, 0, 1]), torch.tensor([1.0, -1.0]), "ppo")
+
+
+def test_rollouts_are_made_on_the_models_device() -> None:
+    batch = Rollouts.of([[1, 2]], [[3, 4]], torch.tensor([0.5]), pad=0, device="meta")
+    assert {t.device.type for t in (batch.tokens, batch.answer, batch.advantages)} == {"meta"}

@@ -58,13 +58,14 @@ class AdapterBatch:
             self.weights = self.weights[:, None]
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.strategy == "kernel" and kernel() is None:
-            self.strategy = "auto"  # no compiler here: fall back to PyTorch
+        native = self.slots.device.type == "cpu" and kernel() is not None  # the C kernel reads CPU memory only
+        if self.strategy == "kernel" and not native:
+            self.strategy = "auto"  # no compiler here, or not on the CPU: fall back to PyTorch
         if self.strategy == "auto":
             pairs = int((self.slots >= 0).sum())
             distinct = max(1, len(self.groups()))
             tokens = pairs * self.seq_len
-            if kernel() is not None and tokens <= KERNEL_MAX_TOKENS_PER_ADAPTER * distinct:
+            if native and tokens <= KERNEL_MAX_TOKENS_PER_ADAPTER * distinct:
                 self.strategy = "kernel"
             else:
                 few = distinct <= GROUP_WHEN_DISTINCT_PER_ROW * pairs

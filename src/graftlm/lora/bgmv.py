@@ -89,18 +89,19 @@ class WorkItems:
         order = keep[torch.argsort(slots, stable=True)]
         sorted_slots = idx[order]
         n = order.numel()
+        dev = idx.device
         if n == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            return cls(empty, torch.zeros(1, dtype=torch.long), empty)
-        pos = torch.arange(n)
-        new_run = torch.ones(n, dtype=torch.bool)
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            return cls(empty, torch.zeros(1, dtype=torch.long, device=dev), empty)
+        pos = torch.arange(n, device=dev)
+        new_run = torch.ones(n, dtype=torch.bool, device=dev)
         new_run[1:] = sorted_slots[1:] != sorted_slots[:-1]
         run_start = torch.cummax(torch.where(new_run, pos, 0), 0).values  # start of each token's run
         first = new_run | ((pos - run_start) % GROUP == 0)
         starts = first.nonzero().squeeze(1)
         return cls(
             order.contiguous(),
-            torch.cat([starts, torch.tensor([n])]).contiguous(),
+            torch.cat([starts, torch.tensor([n], device=dev)]).contiguous(),
             sorted_slots[starts].contiguous(),
         )
 

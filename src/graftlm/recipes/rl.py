@@ -306,7 +306,11 @@ def _step(
     rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(chosen), config.k)
     advantages = leave_one_out(rewards).flatten()
     batch = Rollouts.of(
-        [prompts[i] for i in chosen for _ in range(config.k)], [a.token_ids for a in answers], advantages, pad
+        [prompts[i] for i in chosen for _ in range(config.k)],
+        [a.token_ids for a in answers],
+        advantages,
+        pad,
+        policy.model.device,
     )
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -320,7 +324,7 @@ def _step(
     elif (step + 1) % KL_BASE_EVERY == 0 or step + 1 == config.steps:
         with torch.no_grad():
             base = policy.logprobs(batch, config, "base")
-        kl_base = float(torch.zeros(len(answers)).index_add(0, batch.seq, old - base).mean())
+        kl_base = float(torch.zeros(len(answers), device=old.device).index_add(0, batch.seq, old - base).mean())
     tokens = sum(len(a.token_ids) for a in answers)
     return {
         "step": step + 1,

@@ -198,14 +198,15 @@ class Batch:
     n_tokens: int  # real (unpadded) tokens
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
+def collate(examples: list[Example], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Right-padded tensors of the examples, made on the CPU and moved to `device` (the model's) once."""
     width = max(len(e) for e in examples)
     tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.zeros((len(examples), width), dtype=torch.bool)
     for i, e in enumerate(examples):
         tokens[i, : len(e)] = torch.tensor(e.ids)
         targets[i, : len(e)] = torch.tensor(e.targets)
-    return Batch(tokens, targets, sum(len(e) for e in examples))
+    return Batch(tokens.to(device), targets.to(device), sum(len(e) for e in examples))
 
 
 def bucketed_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:

@@ -78,14 +78,21 @@ class Rollouts:
     advantages: torch.Tensor  # [B]
 
     @classmethod
-    def of(cls, prompts: list[list[int]], answers: list[list[int]], advantages: torch.Tensor, pad: int) -> Rollouts:
+    def of(
+        cls,
+        prompts: list[list[int]],
+        answers: list[list[int]],
+        advantages: torch.Tensor,
+        pad: int,
+        device: torch.device | str = "cpu",
+    ) -> Rollouts:
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
         tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
         answer = torch.zeros((len(prompts), width), dtype=torch.bool)
         for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             tokens[b, : len(p) + len(a)] = torch.tensor(p + a)
             answer[b, len(p) : len(p) + len(a)] = True
-        return cls(tokens, answer, advantages.float())
+        return cls(tokens.to(device), answer.to(device), advantages.float().to(device))
 
     def rows(self, idx: slice) -> Rollouts:
         return Rollouts(self.tokens[idx], self.answer[idx], self.advantages[idx])
@@ -156,7 +163,7 @@ def policy_loss(
     a = advantages[seq]  # [N]
     log_ratio = logp - old
     ratio = log_ratio.exp()
-    clipped = torch.zeros((), dtype=torch.float32)
+    clipped = torch.zeros((), dtype=torch.float32, device=seq.device)
     if algo == "rloo":
         plain, held = ratio * a, ratio.clamp(1 - clip, 1 + clip) * a
         per_token = -torch.minimum(plain, held)
@@ -166,9 +173,9 @@ def policy_loss(
     per_token = per_token + beta * k3(logp, ref)
     rows = advantages.shape[0]
     counts = torch.bincount(seq, minlength=rows).clamp(min=1).float()
-    loss = (torch.zeros(rows, dtype=per_token.dtype).index_add(0, seq, per_token) / counts).mean()
+    loss = (torch.zeros(rows, dtype=per_token.dtype, device=seq.device).index_add(0, seq, per_token) / counts).mean()
     with torch.no_grad():
-        kl_seq = torch.zeros(rows).index_add(0, seq, (logp - ref).float())
+        kl_seq = torch.zeros(rows, device=seq.device).index_add(0, seq, (logp - ref).float())
     return LossTerms(loss, float(k3(logp, ref).mean().detach()), float(kl_seq.mean()), float(clipped))
 
 

@@ -128,7 +128,7 @@ def evaluate_loss(model: Llama, examples: list[Example], batch_size: int, pad_id
     total, count = 0.0, 0
     ordered = sorted(examples, key=len)
     for i in range(0, len(ordered), batch_size):
-        loss, n = completion_loss(model, collate(ordered[i : i + batch_size], pad_id))
+        loss, n = completion_loss(model, collate(ordered[i : i + batch_size], pad_id, model.device))
         total += float(loss)
         count += n
     model.train(was_training)
@@ -243,7 +243,7 @@ class Loop:
                 if step >= total:
                     return
                 if step >= start:
-                    yield step, [collate(b, self.pad_id) for b in batches[i : i + c.grad_accum]]
+                    yield step, [collate(b, self.pad_id, self.model.device) for b in batches[i : i + c.grad_accum]]
                 step += 1
 
 
