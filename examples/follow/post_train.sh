@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Post-training on the follow task, end to end (about 50 minutes on 2 cores): rejection-sampled SFT data
+# Post-training on the follow task, end to end (about an hour on 2 cores): rejection-sampled SFT data
 # from the base model, an SFT adapter, RL from it, and one graded evaluation of all three on the held-out
 # test prompts (README, "Post-training"). Usage: examples/follow/post_train.sh [WORKDIR] (default runs/follow)
 set -euo pipefail
