@@ -9,7 +9,7 @@ and its sampler against the usual peer's.
 2. The whole loop: `train_rl` for `--steps` steps on the prompts with the `instructions` reward, as
    `graftlm rl` runs it; sampled tokens/s, seconds per update, optimizer steps per minute.
 
-    python benchmarks/rl.py [--prompts examples/follow/train.jsonl] [--steps 4] [--batch 8] [--k 4]
+    python benchmarks/rl.py [--prompts examples/follow/prompts.jsonl] [--steps 4] [--batch 8] [--k 4]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def theirs(model_name: str, adapter: Path, prompts: list[list[int]], args: argpa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=catalog.DEFAULT_MODEL)
-    ap.add_argument("--prompts", type=Path, default=Path("examples/follow/train.jsonl"))
+    ap.add_argument("--prompts", type=Path, default=Path("examples/follow/prompts.jsonl"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)

@@ -2,7 +2,8 @@
 
     python examples/build_follow.py
 
-Each line is {"prompt": ..., "checks": [...]} with checks from graftlm.eval.checks (words, sentences,
+Writes prompts.jsonl (train), valid-prompts.jsonl and test.jsonl; prompts to answer, not training pairs
+(graftlm synth makes those). Each line is {"prompt": ..., "checks": [...]} with checks from graftlm.eval.checks (words, sentences,
 bullets, keywords, forbidden, json, case, starts_with, ends_with; never language). About 60% of prompts
 carry one constraint and 40% two compatible ones. Train and valid share one set of request wordings,
 constraint wordings, topics, keywords and start/end phrases; test uses a disjoint set of each, with the
@@ -273,9 +274,12 @@ def main() -> None:
                 assert validate(c, f"{name} line {i + 1}")["check"] != "language"
 
     OUT.mkdir(exist_ok=True)
+    # Prompts with checks, not training pairs: train.jsonl stays the name of supervised data (the demo and
+    # the pipeline train on every example's train.jsonl), so the training prompts are prompts.jsonl.
+    files = {"train": "prompts.jsonl", "valid": "valid-prompts.jsonl", "test": "test.jsonl"}
     for name, rows in splits.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (OUT / f"{name}.jsonl").write_text(text, encoding="utf-8")
+        (OUT / files[name]).write_text(text, encoding="utf-8")
     task = {"name": "follow", "graders": ["instructions"], "max_new_tokens": 96}
     (OUT / "task.json").write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
 

@@ -6,10 +6,10 @@ set -euo pipefail
 W=${1:-runs/follow}
 G=${GRAFTLM:-.venv/bin/graftlm}
 mkdir -p "$W"
-$G synth --prompts examples/follow/train.jsonl --teacher base --grader instructions --k 4 \
+$G synth --prompts examples/follow/prompts.jsonl --teacher base --grader instructions --k 4 \
     --max-new-tokens 96 --out "$W/synth.jsonl"
 $G train --data "$W/synth.jsonl" --out "$W/sft" --epochs 2
-$G rl --prompts examples/follow/train.jsonl --reward instructions --init-from "$W/sft" --out "$W/rl" \
+$G rl --prompts examples/follow/prompts.jsonl --reward instructions --init-from "$W/sft" --out "$W/rl" \
     --steps 50 --batch 8 --k 4 --lr 1e-4 --max-new-tokens 96
 $G eval --data examples/follow/test.jsonl --adapter "$W/sft" --adapter "$W/rl" -o "$W/eval.json"
 $G eval --data examples/instructions/test.jsonl --adapter "$W/sft" --adapter "$W/rl" -o "$W/eval-instructions.json"
