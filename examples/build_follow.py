@@ -2,12 +2,13 @@
 
     python examples/build_follow.py
 
-Writes prompts.jsonl (train), valid-prompts.jsonl and test.jsonl; prompts to answer, not training pairs
-(graftlm synth makes those). Each line is {"prompt": ..., "checks": [...]} with checks from graftlm.eval.checks (words, sentences,
-bullets, keywords, forbidden, json, case, starts_with, ends_with; never language). About 60% of prompts
-carry one constraint and 40% two compatible ones. Train and valid share one set of request wordings,
-constraint wordings, topics, keywords and start/end phrases; test uses a disjoint set of each, with the
-same constraint kinds, so a test score measures transfer to new wording rather than memorised prompts.
+Writes prompts.jsonl (train), valid-prompts.jsonl and test.jsonl: prompts to answer, not training pairs
+(graftlm synth makes those). Each line is {"prompt": ..., "checks": [...]} with checks from
+graftlm.eval.checks (words, sentences, bullets, keywords, forbidden, json, case, starts_with, ends_with;
+never language). About 60% of prompts carry one constraint and 40% two compatible ones. Train and valid
+share one set of request wordings, constraint wordings, topics, keywords and start/end phrases; test uses a
+disjoint set of each, with the same constraint kinds, so a test score measures transfer to new wording
+rather than memorised prompts.
 Every template and topic was written for this project (none comes from IFEval or another benchmark).
 Deterministic: one seeded random.Random drives every choice; running it twice gives identical files.
 """
