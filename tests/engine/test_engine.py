@@ -157,3 +157,27 @@ def test_cancelled_request_frees_its_row(tiny_dir: Path, adapters_dir: Path) -> 
         assert long.done and len(long.token_ids) < 2000
     finally:
         engine.stop()
+
+
+def test_a_second_engine_loop_is_refused_and_offline_jobs_use_the_running_one(
+    tiny_dir: Path, adapters_dir: Path
+) -> None:
+    """Two loops stepping one engine's rows corrupted them (found running offline jobs on a started engine)."""
+    from graftlm.engine.offline import Job, run_jobs
+
+    engine = make_engine(tiny_dir, adapters_dir, max_batch=8, prefill_tokens=16)
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            engine.run_forever()
+        tok = engine.tokenizer
+        params = SamplingParams(max_new_tokens=8)
+        jobs = [
+            Job(tok.encode(f"request {n}"), params, () if n % 5 == 4 else ((engine.cache.resolve(f"a{n % 4}"), 1.0),))
+            for n in range(12)
+        ]
+        got = [f.token_ids for f in run_jobs(engine, jobs)]
+    finally:
+        engine.stop()
+    for job, tokens in zip(jobs, got, strict=True):
+        adapter = adapters_dir / f"a{int(tok.decode(job.prompt).split()[-1]) % 4}" if job.adapters else None
+        assert tokens == offline(tiny_dir, adapter, job.prompt, params)

@@ -117,6 +117,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._looping = False  # a loop steps the rows: a second one on another thread would corrupt them
         self._json: JsonVocab | None = None
         # what happened and where the time went (also exported by /metrics)
         self.steps = self.tokens_generated = self.step_errors = self.peak_batch = 0
@@ -194,6 +195,11 @@ class Engine:
             self._thread.start()
         return self
 
+    @property
+    def started(self) -> bool:
+        """Whether `start()` runs the loop on the engine's own thread."""
+        return self._thread is not None
+
     def run_forever(self, until: Callable[[], bool] | None = None) -> None:
         """Run the engine loop on the calling thread until `stop()` or `until()` is true.
 
@@ -202,6 +208,13 @@ class Engine:
         spin-waiting between ops, which makes every decode step slower (benchmarks/README.md, "Engine thread
         and malloc").
         """
+        with self._cond:
+            if self._looping:
+                raise RuntimeError(
+                    "the engine loop is already running (start() runs it on a thread): a second loop would step "
+                    "the same rows; submit requests and wait for their outputs instead"
+                )
+            self._looping = True
         try:
             while not (until is not None and until()):
                 with self._cond:
@@ -222,6 +235,7 @@ class Engine:
                         self._finish(req, error=e)
         finally:
             with self._cond:
+                self._looping = False
                 self._take_incoming()
             for req in self.scheduler.take_all():
                 self._finish(req, error=GraftlmError("the server is shutting down"))

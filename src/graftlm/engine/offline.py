@@ -7,6 +7,7 @@ sampling settings together, so k samples of a prompt or a dozen adapters' answer
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -59,7 +60,11 @@ def run_jobs(engine: Engine, jobs: Sequence[Job], label: str = "generating", uni
 
         for i, job in enumerate(jobs):
             engine.submit(job.prompt, job.params, list(job.adapters), sink_for(i))
-        engine.run_forever(until=lambda: pending[0] == 0)
+        if engine.started:  # its own thread runs the loop: wait for the answers
+            while pending[0]:
+                time.sleep(0.005)
+        else:
+            engine.run_forever(until=lambda: pending[0] == 0)
     if errors:
         raise errors[0]
     return out
