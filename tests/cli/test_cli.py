@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from graftlm.cli.main import main
 from graftlm.model import linear
@@ -219,3 +220,64 @@ def test_a_long_command_logs_its_progress_when_its_output_is_a_file(tiny_dir: Pa
     assert "training: 1/20 steps, loss " in lines[1] and "tok/s" in lines[1] and "left" in lines[1]
     assert lines[-1].startswith("training: 20/20 steps") and "elapsed" in lines[-1]
     assert "max length auto" in log.read_text() and "peak memory" in log.read_text()
+
+
+MODEL_COMMANDS = [
+    ["train"],
+    ["eval"],
+    ["rl"],
+    ["synth"],
+    ["recover"],
+    ["palettize"],
+    ["generate"],
+    ["chat"],
+    ["serve"],
+    ["pipeline", "run"],
+    ["pipeline", "worker"],
+]
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS, ids=" ".join)
+def test_every_command_that_runs_the_model_takes_a_device(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--device" in help_text
+    assert command == ["palettize"] or "--dtype" in help_text  # palettize fits tables to float32 weights
+
+
+def test_a_device_torch_cannot_use_is_refused_before_anything_runs(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n')
+    train = ["train", "-m", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "a")]
+    assert main([*train, "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*train, "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_training_on_a_bfloat16_base_keeps_a_float32_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    from graftlm.lora.peft_io import read_adapter
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]})
+            + "\n"
+            for w in ["apple", "sky", "grass", "night"] * 2
+        )
+    )
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        args = ["train", "-m", str(tiny_dir), "--data", str(data), "--valid", str(data), "--out", str(out)]
+        assert main([*args, "--dtype", dtype, "--max-steps", "3", "--storage-dtype", "float32", "--lr", "3e-3"]) == 0
+        losses[dtype] = json.loads((out / "training.json").read_text())["metrics"]["valid_loss"]
+        assert all(t.dtype == torch.float32 for t in read_adapter(out).tensors.values())
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)

@@ -164,4 +164,3 @@ def test_contiguous_runs_add_in_place_and_equal_merged(tiny_dir: Path, adapters:
     for i, a in enumerate(rows):
         want = _merged_logits(tiny_dir, None if a < 0 else adapters[a], tokens[i].tolist())
         assert float((got[i] - want).abs().max()) <= 1e-4, i
-

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graftlm.cli.fields import add_fields, build
-from graftlm.cli.options import add_model
+from graftlm.cli.options import add_model, add_placement, placement_from
 from graftlm.errors import GraftlmError
 from graftlm.eval.answers import Contestant, answer_all
 from graftlm.eval.grade import Case
@@ -20,7 +20,6 @@ from graftlm.eval.metrics import METRICS
 from graftlm.eval.runner import Task
 from graftlm.eval.safety import PROMPTS
 from graftlm.eval.suite import GRADERS, HEADLINE, TEST, Plan, load_sets, run_suite
-from graftlm.loading import catalog
 from graftlm.lora.peft_io import CONFIG_FILE
 
 console = Console(highlight=False)
@@ -45,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", type=Path, action="append", default=[], help="adapter folder to grade (repeatable)")
     p.add_argument("--no-base", action="store_true", help="grade only the adapters")
     add_model(p, runtime=False)
+    add_placement(p)
     p.add_argument("--metric", choices=sorted(METRICS), default=None, help="task metric (default: task.json)")
     p.add_argument(
         "--grader",
@@ -120,10 +120,11 @@ def run(args: argparse.Namespace) -> int:
     contestants, target, other_model = _contestants(args)
     plan = _plan(args, task, target)
     sets = load_sets(plan, args.data)  # bad data or checks fail here, before a model loads
-    model, tok, source = catalog.load(args.model)
+    place = placement_from(args)
+    model, tok, source = place.load(args.model)
 
     def other(sets: dict[str, list[Case]], max_new: dict[str, int]) -> dict[str, dict[str, list[str]]]:
-        m, t, _ = catalog.load(other_model)  # any model: only its answers are compared
+        m, t, _ = place.load(other_model)  # any model: only its answers are compared
         return answer_all(m, t, [Contestant(other_model)], sets, max_new, args.batch, label="answering (compared)")
 
     meta = {

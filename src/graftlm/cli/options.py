@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from graftlm.engine.sampling import SamplingParams
-from graftlm.loading.catalog import CATALOG, DEFAULT_MODEL, ModelSource
+from graftlm.loading.catalog import CATALOG, DEFAULT_MODEL, ModelSource, Placement
 from graftlm.loading.merged import load_merged
 from graftlm.model.llama import Llama
 from graftlm.model.tokenizer import Tokenizer
@@ -30,12 +30,21 @@ def add_model(p: argparse.ArgumentParser, runtime: bool = True, merge: bool = Tr
     if merge:
         p.add_argument("--adapter", type=Path, default=None, help="adapter folder to apply (merged into the weights)")
     p.add_argument("--force", action="store_true", help="apply adapters trained on another base model")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
+    add_placement(p)
+
+
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`: where the model runs and its weights' dtype (adapters stay float32)."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base weights' dtype (default: float32)")
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available, else cpu)",
+        help="torch device: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
     )
+
+
+def placement_from(args: argparse.Namespace) -> Placement:
+    return Placement(args.device, DTYPES[args.dtype])
 
 
 def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -69,4 +78,5 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 
 def load_model(args: argparse.Namespace) -> tuple[Llama, Tokenizer, ModelSource]:
     """The model that `add_model`'s options name, with its adapter merged in if one was given."""
-    return load_merged(args.model, args.adapter, args.force, DTYPES[args.dtype], args.device)
+    place = placement_from(args)
+    return load_merged(args.model, args.adapter, args.force, place.dtype, place.device)

@@ -7,10 +7,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from graftlm.cli.fields import add_fields, build
+from graftlm.loading.catalog import Placement
 from graftlm.quant.palettize import PalettizeConfig
 from graftlm.quant.plan import Plan
 from graftlm.recipes.palettize import Calibration, Tuning, palettize_checkpoint
@@ -35,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fields(p, PalettizeConfig)
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, action="append", default=[], help="plain-text calibration file (repeatable)")
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the calibration passes run; the tables are fitted on the CPU (default: cuda if available)",
+    )
     add_fields(g, Calibration)
     add_fields(p.add_argument_group("tuning (tables and scales trained to imitate the uncompressed model)"), Tuning)
     p.set_defaults(run=run)
@@ -47,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         build(PalettizeConfig, args),
         build(Calibration, args, files=tuple(args.calib)),
         build(Tuning, args),
+        Placement(args.device).device,
     )
     _report(done.plan, done.record, done.out, done.seconds)
     return 0

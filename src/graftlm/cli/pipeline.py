@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.cli.options import add_placement, placement_from
 from graftlm.cli.verbs import Verbs
 from graftlm.errors import GraftlmError
 from graftlm.pipeline.queue import ALL
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--force", action="store_true", help="retrain even adapters that are fresh")
     v.add_argument("--no-wait", action="store_true", help="fail at once if another run is going on")
     v.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
+    add_placement(v)
     verb("status", "say which adapters are stale and why, without running anything", _status)
     v = verb("notify", "queue a run: a data source says it changed", _notify)
     who = v.add_mutually_exclusive_group(required=True)
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default: 2)")
     v.add_argument("--lease", type=float, default=120.0, help="seconds a job stays claimed without a heartbeat")
     v.add_argument("--backoff", type=float, default=10.0, help="first retry delay in seconds, doubling (default: 10)")
+    add_placement(v)
     v = verb("jobs", "list the queue's jobs", _jobs)
     v.add_argument("--state", choices=("queued", "running", "done", "failed"), default=None)
 
@@ -66,7 +69,7 @@ def _score(x: float | None) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    outcomes = Pipeline(spec).run(args.only or None, force=args.force, wait=not args.no_wait)
+    outcomes = Pipeline(spec, placement_from(args)).run(args.only or None, force=args.force, wait=not args.no_wait)
     console.print(f"[bold]pipeline run[/] of {spec.path} ({len(outcomes)} adapters)")
     for o in outcomes:
         print_outcome(o)
@@ -128,7 +131,7 @@ def _notify(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    w = Worker(args.spec, args.lease, args.backoff)
+    w = Worker(args.spec, args.lease, args.backoff, place=placement_from(args))
     ran = w.run(once=args.once, watch=args.watch, interval=args.interval)
     console.print(f"ran {ran} jobs")
     return 0

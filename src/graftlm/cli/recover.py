@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from graftlm.cli.fields import add_fields, build
+from graftlm.cli.options import add_placement, placement_from
 from graftlm.recipes.recover import RecoverConfig, train_recovery_adapter
 
 
@@ -25,13 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", required=True, help="the compressed model directory (graftlm palettize)")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. adapters/recovery)")
     p.add_argument("--data", type=Path, action="append", default=[], help="more plain-text training text (repeatable)")
+    add_placement(p)
     add_fields(p, RecoverConfig)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = build(RecoverConfig, args, data=tuple(args.data))
-    result = train_recovery_adapter(args.teacher, args.student, args.out, config)
+    result = train_recovery_adapter(args.teacher, args.student, args.out, config, placement_from(args))
     Console(stderr=True).print(
         f"wrote {args.out}: {result.steps} steps on {result.tokens} tokens, final KL {result.train_loss:.4f} per token"
     )

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from graftlm.cli.fields import add_fields, build
-from graftlm.cli.options import add_model
+from graftlm.cli.options import add_model, add_placement, placement_from
 from graftlm.eval.judge import JudgeConfig
 from graftlm.eval.rewards import Reward
 from graftlm.lora.config import LoraConfig
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     add_model(p, runtime=False)
+    add_placement(p)
     p.add_argument(
         "--init-from", type=Path, default=None, metavar="ADAPTER", help="start from this adapter (e.g. an SFT one)"
     )
@@ -56,5 +57,16 @@ def run(args: argparse.Namespace) -> int:
     reward = Reward.parse(args.reward, judge)
     lora = build(LoraConfig, args, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank)
     config = build(RLConfig, args)
-    train_rl(args.model, args.prompts, reward, config, args.out, lora, args.init_from, args.resume, args.storage_dtype)
+    train_rl(
+        args.model,
+        args.prompts,
+        reward,
+        config,
+        args.out,
+        lora,
+        args.init_from,
+        args.resume,
+        args.storage_dtype,
+        placement_from(args),
+    )
     return 0

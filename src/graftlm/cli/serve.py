@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 from graftlm.cli.fields import add_fields, build
-from graftlm.cli.options import DTYPES, add_model
+from graftlm.cli.options import add_model, placement_from
 from graftlm.engine.adapter_finder import AdapterFinder
 from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.engine.registry_finder import RegistryFinder
 from graftlm.errors import GraftlmError
-from graftlm.loading import catalog
 from graftlm.registry import Registry
 from graftlm.server.auth import KeyRing
 from graftlm.server.settings import ServerSettings, check_host
@@ -83,7 +82,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     finder: AdapterFinder | Path | None = args.adapters
     if args.registry is not None:
         finder = RegistryFinder(Registry(args.registry, create=False))
-    model, tok, source = catalog.load(args.model, DTYPES[args.dtype], args.device)
+    model, tok, source = placement_from(args).load(args.model)
     engine = Engine(model, tok, build(EngineConfig, args), finder, force=args.force)
     for name in args.pin:
         engine.cache.pin(name)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from graftlm.cli.fields import add_fields, build
-from graftlm.cli.options import add_model
+from graftlm.cli.options import add_model, add_placement, placement_from
 from graftlm.eval.judge import JudgeConfig
 from graftlm.eval.rewards import Reward
 from graftlm.recipes.synth import SynthConfig, Teacher, synthesize
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--min-score", type=float, default=0.5, help="score a grader without labels must reach to pass (default: 0.5)"
     )
     add_model(p, runtime=False)
+    add_placement(p)
     add_fields(p.add_argument_group("sampling"), SynthConfig)
     add_fields(p.add_argument_group("judge (for a rubric grader)"), JudgeConfig)
     p.set_defaults(run=run)
@@ -57,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     )
     reward = Reward.parse(args.grader, judge, args.min_score)
     teachers = [Teacher.parse(t) for t in args.teacher or ["base"]]
-    synthesize(args.model, args.prompts, teachers, reward, args.out, build(SynthConfig, args))
+    synthesize(args.model, args.prompts, teachers, reward, args.out, build(SynthConfig, args), placement_from(args))
     return 0

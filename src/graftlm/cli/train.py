@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from graftlm.cli.fields import add_fields, build
-from graftlm.cli.options import add_model
+from graftlm.cli.options import add_model, add_placement, placement_from
 from graftlm.lora.config import LoraConfig
 from graftlm.train.sft import DataSpec, train_adapter
 from graftlm.train.trainer import TrainConfig
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid", type=Path, default=None, help="validation JSONL file")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. adapters/NAME)")
     add_model(p, runtime=False)
+    add_placement(p)
     g = p.add_argument_group("adapter")
     g.add_argument(
         "--init-from",
@@ -54,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
     lora = build(LoraConfig, args, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank)
     data = build(DataSpec, args, train=args.data, valid=args.valid)
     config = build(TrainConfig, args)
-    train_adapter(args.model, data, args.out, lora, config, args.resume, args.storage_dtype, init_from=args.init_from)
+    train_adapter(
+        args.model, data, args.out, lora, config, args.resume, args.storage_dtype, args.init_from, placement_from(args)
+    )
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from graftlm.errors import UnknownModelError
+from graftlm.errors import ConfigError, UnknownModelError
 from graftlm.fileio import file_sha256
 from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.loading.gguf import read_gguf
@@ -96,3 +96,28 @@ def load(
     source = resolve(name)
     model, tokenizer = load_checkpoint(source.checkpoint, dtype, device)
     return model, tokenizer, source
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a command runs its model and in which weight dtype (adapters stay float32 whatever it is)."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r}: torch sees no CUDA GPU here (torch {torch.__version__})")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device {self.device!r}: there are {torch.cuda.device_count()} CUDA GPUs")
+
+    def load(self, name: str = DEFAULT_MODEL) -> tuple[Llama, Tokenizer, ModelSource]:
+        return load(name, self.dtype, self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")

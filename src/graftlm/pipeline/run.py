@@ -25,8 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from graftlm.errors import GraftlmError
 from graftlm.fileio import atomic_write, file_sha256
+from graftlm.loading.catalog import Placement
 from graftlm.lora.files import WEIGHTS_FILE
 from graftlm.pipeline import fingerprints
 from graftlm.pipeline.spec import AdapterSpec, Spec
@@ -91,8 +94,10 @@ def run_lock(state: Path, wait: bool = True) -> Iterator[None]:
 
 
 class Pipeline:
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, place: Placement = Placement()):
+        """`place`: where the pipeline's training and scoring run (scores in another dtype are cached apart)."""
         self.spec = spec
+        self.place = place
         self.registry = Registry(spec.registry)
         self._base_fp: str | None = None
         self._base_scores: dict[str, float] = {}
@@ -177,10 +182,10 @@ class Pipeline:
 
         ins = now.inputs
         work = self.spec.state / "work" / a.name
-        train(self.spec.base, a, work, now.parent_dir)
+        train(self.spec.base, a, work, now.parent_dir, self.place)
         out.action = "trained"
-        eval_key = fingerprints.key({"base": ins["base"], "test": ins["data"]["test"], "settings": ins["settings"]})
-        out.score, n = evaluate_adapter(self.spec.base, a, work)
+        eval_key = self._eval_key(ins)
+        out.score, n = evaluate_adapter(self.spec.base, a, work, self.place)
         out.base_score = self._base_score(a, now.last, eval_key)
         prod = self._prod(a.name)
         out.prod_before = prod.version if prod else None
@@ -189,7 +194,7 @@ class Pipeline:
         evaluation = None
         figures: dict[str, float] = {}
         if a.full_evaluation:
-            doc = grade(self.spec.base, a, work, self.registry.checkout(prod) if prod else None)
+            doc = grade(self.spec.base, a, work, self.registry.checkout(prod) if prod else None, self.place)
             figures = {k: v for k, v in flat_figures(doc, a.name).items() if "." not in k}
             passed, why = a.gate.check_figures(figures, prod is not None)
             out.passed, out.gate = out.passed and passed, out.gate + why
@@ -216,6 +221,13 @@ class Pipeline:
             evaluation.unlink(missing_ok=True)
         log.info("%s@%d: %s %.4f; %s", a.name, v.version, a.metric, out.score, note)
 
+    def _eval_key(self, ins: dict[str, Any]) -> str:
+        """What a score depends on: the base, the test data, the settings, and a dtype other than float32."""
+        key = {"base": ins["base"], "test": ins["data"]["test"], "settings": ins["settings"]}
+        if self.place.dtype != torch.float32:
+            key["dtype"] = self.place.dtype_name
+        return fingerprints.key(key)
+
     def _prod(self, name: str) -> Version | None:
         try:
             return self.registry.resolve(f"{name}@{PROD}")
@@ -228,7 +240,7 @@ class Pipeline:
         if last is not None and last.metrics.get("eval_key") == eval_key and last.metrics.get("base_score") is not None:
             return float(last.metrics["base_score"])
         if eval_key not in self._base_scores:
-            self._base_scores[eval_key], _ = evaluate_adapter(self.spec.base, a, None)
+            self._base_scores[eval_key], _ = evaluate_adapter(self.spec.base, a, None, self.place)
         return self._base_scores[eval_key]
 
     def _prod_score(self, a: AdapterSpec, prod: Version, eval_key: str) -> float | None:
@@ -239,5 +251,5 @@ class Pipeline:
             return float(prod.metrics["score"])
         if prod.lineage.get("base_fingerprint") != self.base_fp:
             return None
-        score, _ = evaluate_adapter(self.spec.base, a, self.registry.checkout(prod))
+        score, _ = evaluate_adapter(self.spec.base, a, self.registry.checkout(prod), self.place)
         return score

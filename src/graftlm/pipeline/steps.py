@@ -11,7 +11,7 @@ from graftlm.eval.judge import JudgeConfig
 from graftlm.eval.runner import Task, evaluate
 from graftlm.eval.safety import PROMPTS
 from graftlm.eval.suite import Plan, load_sets, run_suite
-from graftlm.loading import catalog
+from graftlm.loading.catalog import Placement
 from graftlm.loading.merged import load_merged
 from graftlm.lora.config import TARGETS, LoraConfig
 from graftlm.pipeline.spec import AdapterSpec
@@ -50,15 +50,17 @@ def train_settings(a: AdapterSpec) -> tuple[LoraConfig, TrainConfig]:
     return lora, config
 
 
-def train(base: str, a: AdapterSpec, out: Path, init_from: Path | None) -> None:
+def train(base: str, a: AdapterSpec, out: Path, init_from: Path | None, place: Placement = Placement()) -> None:
     lora, config = train_settings(a)
     data = DataSpec(a.train_file, a.valid_file, str(a.train.get("on_long", "truncate-prompt")))
-    train_adapter(base, data, out, lora, config, init_from=init_from)
+    train_adapter(base, data, out, lora, config, init_from=init_from, place=place)
 
 
-def evaluate_adapter(base: str, a: AdapterSpec, adapter: Path | None) -> tuple[float, int]:
+def evaluate_adapter(
+    base: str, a: AdapterSpec, adapter: Path | None, place: Placement = Placement()
+) -> tuple[float, int]:
     """The task metric on the test split, for the base model (`adapter` None) or with the adapter merged."""
-    model, tok, _ = load_merged(base, adapter)
+    model, tok, _ = load_merged(base, adapter, dtype=place.dtype, device=place.device)
     task = Task(a.name, a.metric, a.max_new_tokens)
     label = f"scoring {a.name}" + ("" if adapter else " (base model)")
     result = evaluate(
@@ -67,7 +69,9 @@ def evaluate_adapter(base: str, a: AdapterSpec, adapter: Path | None) -> tuple[f
     return result.score, result.n
 
 
-def grade(base: str, a: AdapterSpec, candidate: Path, prod: Path | None) -> dict[str, Any]:
+def grade(
+    base: str, a: AdapterSpec, candidate: Path, prod: Path | None, place: Placement = Placement()
+) -> dict[str, Any]:
     """`graftlm eval`'s evaluation of a new version: the task metric and the spec's graders, and the side
     by side with prod or the base model its gate asks for; the evaluation document."""
     e = a.eval
@@ -93,7 +97,7 @@ def grade(base: str, a: AdapterSpec, candidate: Path, prod: Path | None) -> dict
         a.max_new_tokens,
         int(e.get("limit", 0)),
     )
-    model, tok, source = catalog.load(base)
+    model, tok, source = place.load(base)
     meta = {"task": a.name, "data": str(a.test_file), "model": source.name}
     sets = load_sets(plan, a.test_file)
     return run_suite(model, tok, contestants, plan, sets, meta, max_batch=int(e.get("batch", 32)))

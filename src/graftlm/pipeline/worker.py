@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from graftlm.loading.catalog import Placement
 from graftlm.pipeline.queue import ALL, Job, JobQueue
 from graftlm.pipeline.run import Pipeline
 from graftlm.pipeline.spec import Spec, load_spec
@@ -65,8 +66,15 @@ def _stat(f: Path) -> tuple[int, int]:
 
 
 class Worker:
-    def __init__(self, spec_path: Path, lease_s: float = 120.0, backoff_s: float = 10.0, wait_lock: bool = True):
-        self.spec_path = spec_path
+    def __init__(
+        self,
+        spec_path: Path,
+        lease_s: float = 120.0,
+        backoff_s: float = 10.0,
+        wait_lock: bool = True,
+        place: Placement = Placement(),
+    ):
+        self.spec_path, self.place = spec_path, place
         self.queue = queue_of(load_spec(spec_path))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.lease_s, self.backoff_s, self.wait_lock = lease_s, backoff_s, wait_lock
@@ -83,7 +91,7 @@ class Worker:
         try:
             spec = load_spec(self.spec_path)  # read per job: edits to the spec count
             only = None if job.target == ALL else [job.target]
-            outcomes = Pipeline(spec).run(only, wait=self.wait_lock)
+            outcomes = Pipeline(spec, self.place).run(only, wait=self.wait_lock)
             result = [o.as_dict() for o in outcomes]
             failed = [o for o in outcomes if o.action == "failed"]
             if failed:

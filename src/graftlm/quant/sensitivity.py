@@ -40,6 +40,12 @@ class Sensitivity:
     tokens: int  # calibration tokens scored
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # [in, in]: E[x xᵀ] of what multiplies the weight
 
+    def cpu(self) -> Sensitivity:
+        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.cpu() for k, v in d.items()}
+
+        return Sensitivity(move(self.fisher), move(self.activation), self.tokens, move(self.gram))
+
 
 def check_calibration(sequences: Sequence[Sequence[int]]) -> int:
     tokens = sum(max(0, len(s) - 1) for s in sequences)

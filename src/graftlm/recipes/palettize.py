@@ -5,12 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from graftlm.eval.perplexity import spread, text_chunks
 from graftlm.loading.catalog import load
@@ -101,9 +105,11 @@ def palettize_checkpoint(
     config: PalettizeConfig | None = None,
     calibration: Calibration | None = None,
     tuning: Tuning | None = None,
+    device: str = "cpu",
 ) -> Palettized:
     """Compress the model `model_name` names to a palettized checkpoint directory at `out` (each setting
-    left out takes its defaults)."""
+    left out takes its defaults). The calibration passes (self-written text, sensitivity) run on `device`;
+    the tables are fitted, tuned and written on the CPU."""
     config, calibration, tuning = config or PalettizeConfig(), calibration or Calibration(), tuning or Tuning()
     model, tokenizer, source = load(model_name)
     if is_palettized(source.checkpoint):
@@ -111,13 +117,14 @@ def palettize_checkpoint(
     t0 = time.perf_counter()
     source_fingerprint = model.fingerprint()
     sequences, origin = [], ""
-    if config.needs_calibration or tuning.steps:
-        sequences, origin = _calibration_text(model, tokenizer, calibration)
     sensitivity = None
-    if config.needs_calibration:
-        with progress("measuring sensitivity", len(sequences), "sequences") as p:
-            sensitivity = measure(model, sequences, p.advance, gram=config.gptq)
-        log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
+    with _on(model, device):
+        if config.needs_calibration or tuning.steps:
+            sequences, origin = _calibration_text(model, tokenizer, calibration)
+        if config.needs_calibration:
+            with progress("measuring sensitivity", len(sequences), "sequences") as p:
+                sensitivity = measure(model, sequences, p.advance, gram=config.gptq).cpu()
+            log.info("sensitivity measured on %d tokens (%s)", sensitivity.tokens, origin)
     probe = None
     if calibration.kl_samples and len(config.choices) > 1:
         probe = KLProbe(model, spread(sequences, calibration.kl_samples))
@@ -138,6 +145,19 @@ def palettize_checkpoint(
         record["calibration"] = origin
     save_palettized(out, model, tokenizer, record)
     return Palettized(plan, record, out, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _on(model: Llama, device: str) -> Iterator[None]:
+    """The model on `device` for the block, back on the CPU after it."""
+    if torch.device(device).type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
 
 
 def _calibration_text(model: Llama, tokenizer: Tokenizer, calibration: Calibration) -> tuple[list[list[int]], str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from graftlm.errors import GraftlmError
 from graftlm.eval.perplexity import spread, text_chunks
-from graftlm.loading.catalog import load
+from graftlm.loading.catalog import Placement
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.peft_io import Adapter
 from graftlm.model.llama import Llama
@@ -59,10 +59,12 @@ class RecoverConfig:
             raise GraftlmError(f"--init is error or zero, not {self.init!r}")
 
 
-def train_recovery_adapter(teacher_name: str, student_name: str, out: Path, config: RecoverConfig) -> TrainResult:
+def train_recovery_adapter(
+    teacher_name: str, student_name: str, out: Path, config: RecoverConfig, place: Placement = Placement()
+) -> TrainResult:
     """Train the recovery adapter of the compressed `student_name` and write it to `out`."""
-    teacher, tok, _ = load(teacher_name)
-    student, s_tok, s_source = load(student_name)
+    teacher, tok, _ = place.load(teacher_name)
+    student, s_tok, s_source = place.load(student_name)
     if tok.vocab_size != s_tok.vocab_size:
         raise GraftlmError(f"{teacher_name} and {student_name} have different vocabularies")
     sequences = written(teacher, tok, config.samples, config.length, config.seed + 10_000, "training")

@@ -32,7 +32,7 @@ from graftlm.eval.grade import Case
 from graftlm.eval.rewards import Reward, RewardError
 from graftlm.eval.runner import load_cases
 from graftlm.fileio import file_sha256
-from graftlm.loading import catalog
+from graftlm.loading.catalog import Placement
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import add_lora, load_lora_state, lora_layers, lora_state_dict
 from graftlm.lora.peft_io import check_fits, read_adapter, save_adapter
@@ -222,14 +222,15 @@ def train_rl(
     init_from: Path | None = None,
     resume: bool = False,
     storage_dtype: str = "bfloat16",
+    place: Placement = Placement(),
 ) -> RLResult:
     """Train an adapter by RL on the prompts of `prompts_path` (lines with `prompt` or `messages` and the
     fields the reward reads) and write it to `out` with its record (`rl.json`)."""
     cases = load_cases(prompts_path, need_reference=False)
     if not cases:
         raise ConfigError(f"{prompts_path} holds no prompts")
-    model, tok, source = catalog.load(model_name)
-    sampler_model, _, _ = catalog.load(model_name)
+    model, tok, source = place.load(model_name)
+    sampler_model, _, _ = place.load(model_name)
     fingerprint = model.fingerprint()
     policy = Policy.start(model, lora or LoraConfig(), config, init_from)
     prompts = [tok.encode_chat(c.messages) for c in cases]

@@ -35,7 +35,7 @@ from graftlm.eval.judge import Judge, JudgeConfig
 from graftlm.eval.rewards import Reward
 from graftlm.eval.runner import load_cases
 from graftlm.fileio import atomic_write
-from graftlm.loading import catalog
+from graftlm.loading.catalog import Placement
 from graftlm.progress import progress
 from graftlm.setting import setting
 
@@ -182,6 +182,7 @@ def synthesize(
     reward: Reward,
     out: Path,
     config: SynthConfig = SynthConfig(),
+    place: Placement = Placement(),
 ) -> dict[str, Any]:
     """Rejection-sampled training data from `prompts` to `out` (JSONL) and its report (`out` + .report.json)."""
     if not teachers:
@@ -202,7 +203,7 @@ def synthesize(
         len(teachers),
     )
     local = [(i, t) for i, t in enumerate(teachers) if t.local]
-    engine = _engine(model_name, [t for _, t in local], config, cases) if local and todo else None
+    engine = _engine(place, model_name, [t for _, t in local], config, cases) if local and todo else None
     try:
         with progress("synthesizing", len(todo), "prompts") as bar:
             for r in range(0, len(todo), config.chunk):
@@ -228,8 +229,10 @@ def synthesize(
     return _finish(out, cases, done, teachers, settings, dropped)
 
 
-def _engine(model_name: str, local: Sequence[Teacher], config: SynthConfig, cases: Sequence[Case]) -> Engine:
-    model, tok, _ = catalog.load(model_name)
+def _engine(
+    place: Placement, model_name: str, local: Sequence[Teacher], config: SynthConfig, cases: Sequence[Case]
+) -> Engine:
+    model, tok, _ = place.load(model_name)
     longest = max(len(tok.encode_chat(c.messages)) for c in cases) + config.max_new_tokens
     ranks = [adapter_rank(t.adapter) for t in local if t.adapter is not None]
     engine_config = EngineConfig(

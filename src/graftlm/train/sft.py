@@ -12,7 +12,7 @@ import torch
 
 from graftlm import __version__
 from graftlm.fileio import file_sha256
-from graftlm.loading import catalog
+from graftlm.loading.catalog import Placement
 from graftlm.lora.config import LoraConfig
 from graftlm.lora.model import lora_state_dict
 from graftlm.lora.peft_io import WEIGHTS_FILE, read_adapter, save_adapter
@@ -73,10 +73,11 @@ def train_adapter(
     resume: bool = False,
     storage_dtype: str = "bfloat16",
     init_from: Path | None = None,
+    place: Placement = Placement(),
 ) -> TrainResult:
     """Train and write one adapter; with `init_from` it starts from that adapter's weights and settings
     (`lora` is then ignored)."""
-    model, tok, source = catalog.load(model_name)
+    model, tok, source = place.load(model_name)
     train, valid, report, config = _examples(data, tok, config, model.config.max_position_embeddings)
     log.info(
         "%d training examples (%d target tokens)%s",
