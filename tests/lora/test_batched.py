@@ -149,6 +149,13 @@ def test_without_a_compiler_auto_falls_back_to_pytorch(monkeypatch: pytest.Monke
     assert AdapterBatch.of([0, 1, 2]).strategy == "kernel"
 
 
+def test_off_the_cpu_auto_and_kernel_choose_gather_without_reading_the_slots() -> None:
+    """Tensors on the meta device hold no data: a choice that read the slots (host syncs on a GPU) fails."""
+    for strategy in ("auto", "kernel"):
+        batch = AdapterBatch.of([0, 1, 1, 2, -1] * 8, strategy, device="meta")
+        assert batch.strategy == "gather" and batch.slots.device.type == "meta"
+
+
 def test_contiguous_runs_add_in_place_and_equal_merged(tiny_dir: Path, adapters: list) -> None:
     model, _ = load_checkpoint(tiny_dir)
     slots = AdapterSlots(model, n_slots=3)

@@ -36,7 +36,7 @@ from graftlm.engine.json_schema import compile_schema
 from graftlm.engine.kv_cache import RowKVCache
 from graftlm.engine.prefix_cache import PrefixCache
 from graftlm.engine.request import Output, Request
-from graftlm.engine.runner import ModelRunner, finite_rows
+from graftlm.engine.runner import ModelRunner, checked_picks, finite_rows
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.scheduler import Scheduler
 from graftlm.engine.sequence import Decoding, check_prompt
@@ -343,7 +343,11 @@ class Engine:
 
     def _settle(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """Rows with finite logits choose their next token; the others fail alone."""
-        ok = finite_rows(logits)
+        picks: list[int] | None = None
+        if any(self._greedy(r) for r in reqs):
+            ok, picks = checked_picks(logits)
+        else:
+            ok = finite_rows(logits)
         if not all(ok):
             for r, fine in zip(reqs, ok, strict=True):
                 if not fine:
@@ -351,7 +355,8 @@ class Engine:
             self.scheduler.pack()
             keep = [i for i, fine in enumerate(ok) if fine]
             reqs, logits = [reqs[i] for i in keep], logits[keep]
-        self._choose(reqs, logits)
+            picks = [picks[i] for i in keep] if picks is not None else None
+        self._choose(reqs, logits, picks)
 
     def _settle_prefill(self, reqs: list[Request], packed: bool, logits: torch.Tensor) -> None:
         ok = finite_rows(logits)
@@ -382,9 +387,16 @@ class Engine:
         )
         self._finish(req, error=NonFiniteOutputError(message))
 
-    def _choose(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
-        greedy = [r.decoding.params.greedy and r.decoding.constraint is None for r in reqs]
-        picks = logits.argmax(-1).tolist() if any(greedy) else []
+    @staticmethod
+    def _greedy(r: Request) -> bool:
+        return r.decoding.params.greedy and r.decoding.constraint is None
+
+    def _choose(self, reqs: Sequence[Request], logits: torch.Tensor, picks: list[int] | None = None) -> None:
+        """Each row's next token: greedy rows take `picks` (their argmax, read back with the finite check),
+        the others sample; a row finishing or failing gives up its row."""
+        greedy = [self._greedy(r) for r in reqs]
+        if picks is None:
+            picks = logits.argmax(-1).tolist() if any(greedy) else []
         finished = False
         for i, r in enumerate(reqs):
             try:

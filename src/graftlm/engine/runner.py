@@ -72,3 +72,10 @@ class ModelRunner:
 def finite_rows(logits: torch.Tensor) -> list[bool]:
     """Which rows of logits [n, V] are all finite."""
     return torch.isfinite(logits).all(-1).tolist()
+
+
+def checked_picks(logits: torch.Tensor) -> tuple[list[bool], list[int]]:
+    """Which rows of logits [n, V] are all finite, and each row's greedy pick, read back in one transfer
+    (one device sync a step on a GPU instead of two)."""
+    both = torch.stack([torch.isfinite(logits).all(-1).long(), logits.argmax(-1)]).tolist()
+    return [bool(f) for f in both[0]], both[1]
