@@ -16,6 +16,7 @@ from graftlm.errors import GraftlmError
 from graftlm.pipeline.queue import ALL
 from graftlm.pipeline.run import Outcome, Pipeline
 from graftlm.pipeline.spec import SpecError, load_spec
+from graftlm.pipeline.work import executor_for
 from graftlm.pipeline.worker import Worker, queue_of, targets_for_path
 
 console = Console(highlight=False)
@@ -40,6 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-wait", action="store_true", help="fail at once if another run is going on")
     v.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
     add_placement(v)
+    g = v.add_argument_group("executor (where training and scoring run; publishing stays here)")
+    g.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process, one adapter after another; ray: each adapter a Ray task, in parallel "
+        "(pip install 'graftlm[ray]') (default: local)",
+    )
+    g.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://HOST:10001); default: a new one")
+    g.add_argument("--task-cpus", type=float, default=1.0, help="CPUs each Ray task asks for (default: 1)")
+    g.add_argument("--task-gpus", type=float, default=0.0, help="GPUs each Ray task asks for (default: 0)")
     verb("status", "say which adapters are stale and why, without running anything", _status)
     v = verb("notify", "queue a run: a data source says it changed", _notify)
     who = v.add_mutually_exclusive_group(required=True)
@@ -69,7 +81,10 @@ def _score(x: float | None) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    outcomes = Pipeline(spec, placement_from(args)).run(args.only or None, force=args.force, wait=not args.no_wait)
+    executor = executor_for(args.executor, args.address, args.task_cpus, args.task_gpus)
+    outcomes = Pipeline(spec, placement_from(args)).run(
+        args.only or None, force=args.force, wait=not args.no_wait, executor=executor
+    )
     console.print(f"[bold]pipeline run[/] of {spec.path} ({len(outcomes)} adapters)")
     for o in outcomes:
         print_outcome(o)

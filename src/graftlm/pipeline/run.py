@@ -20,10 +20,10 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,10 +33,20 @@ from graftlm.loading.catalog import Placement
 from graftlm.lora.files import WEIGHTS_FILE
 from graftlm.pipeline import fingerprints
 from graftlm.pipeline.spec import AdapterSpec, Spec
+from graftlm.pipeline.work import (
+    BaseScoring,
+    Executor,
+    LocalExecutor,
+    Trained,
+    Training,
+    score_base,
+    train_and_score,
+)
 from graftlm.registry import PROD, Registry, RegistryError, Version
 
 log = logging.getLogger(__name__)
 LOCK_FILE = "pipeline.lock"
+T = TypeVar("T")
 
 
 class PipelineBusyError(GraftlmError):
@@ -138,74 +148,131 @@ class Pipeline:
         return Assessment(ins, fingerprints.changes(old, ins), last, parent_dir)
 
     # ---- running -----------------------------------------------------------------------------
-    def run(self, only: list[str] | None = None, force: bool = False, wait: bool = True) -> list[Outcome]:
+    def run(
+        self, only: list[str] | None = None, force: bool = False, wait: bool = True, executor: Executor | None = None
+    ) -> list[Outcome]:
+        """Every chosen adapter brought up to date, in waves (an adapter trains after its parent is
+        published): the driver assesses and publishes, `executor` (default: this process) trains and scores."""
         chosen = [a for a in self.spec.ordered() if not only or a.name in only]
         if only:
             for name in only:
                 self.spec.adapter(name)  # unknown names fail before anything runs
-        outcomes: list[Outcome] = []
+        executor = executor or LocalExecutor()
+        outcomes: dict[str, Outcome] = {}
         with run_lock(self.spec.state, wait):
             failed: set[str] = set()
-            for a in chosen:
+            for wave in _waves(chosen):
                 t0 = time.perf_counter()
-                if a.parent_name() in failed:
-                    out = Outcome(a.name, "skipped", [f"its parent {a.parent_name()} failed"])
-                else:
-                    out = self._one(a, force)
-                out.seconds = round(time.perf_counter() - t0, 1)
-                if out.action == "failed":
-                    failed.add(a.name)
-                outcomes.append(out)
-        return outcomes
+                stale: list[tuple[AdapterSpec, Assessment, Outcome]] = []
+                for a in wave:
+                    if a.parent_name() in failed:
+                        outcomes[a.name] = Outcome(a.name, "skipped", [f"its parent {a.parent_name()} failed"])
+                        continue
+                    out = outcomes[a.name] = Outcome(a.name)
+                    now = self._guarded(out, lambda a=a, out=out: self._assess(a, force, out))  # type: ignore[misc]
+                    if now is not None:
+                        stale.append((a, now, out))
+                self._run_wave(stale, executor)
+                for a in wave:
+                    o = outcomes[a.name]
+                    o.seconds = o.seconds or round(time.perf_counter() - t0, 1)
+                    if o.action == "failed":
+                        failed.add(a.name)
+        return [outcomes[a.name] for a in chosen]
 
-    def _one(self, a: AdapterSpec, force: bool) -> Outcome:
-        out = Outcome(a.name)
+    def _guarded(self, out: Outcome, fn: Callable[[], T]) -> T | None:
         try:
-            now = self.status(a)
-            out.reasons = now.reasons or (["forced"] if force else ["inputs unchanged"])
-            if not now.reasons and not force:
-                out.version = now.last.version if now.last else None
-                out.prod_before = out.prod_after = self.registry.aliases(a.name).get((a.name, PROD))
-                return out
-            log.info("%s: %s", a.name, "; ".join(out.reasons))
-            self._train_and_publish(a, now, out)
+            return fn()
         except Exception as e:  # one adapter's failure must not stop the others
-            out.action = "failed"
-            out.error = f"{type(e).__name__}: {e}" if not isinstance(e, GraftlmError) else str(e)
-            log.error("%s failed: %s", a.name, out.error)
-            log.debug("%s", traceback.format_exc())
-        return out
+            self._failed(out, e)
+            return None
 
-    def _train_and_publish(self, a: AdapterSpec, now: Assessment, out: Outcome) -> None:
-        from graftlm.eval.suite import flat_figures
-        from graftlm.pipeline.steps import evaluate_adapter, grade, train
+    @staticmethod
+    def _failed(out: Outcome, e: Exception) -> None:
+        out.action = "failed"
+        out.error = f"{type(e).__name__}: {e}" if not isinstance(e, GraftlmError) else str(e)
+        log.error("%s failed: %s", out.name, out.error)
+        log.debug("%s", "".join(traceback.format_exception(e)))
 
-        ins = now.inputs
-        work = self.spec.state / "work" / a.name
-        train(self.spec.base, a, work, now.parent_dir, self.place)
-        out.action = "trained"
-        eval_key = self._eval_key(ins)
-        out.score, n = evaluate_adapter(self.spec.base, a, work, self.place)
-        out.base_score = self._base_score(a, now.last, eval_key)
+    def _assess(self, a: AdapterSpec, force: bool, out: Outcome) -> Assessment | None:
+        """The adapter's assessment when it must be retrained; None (the outcome filled in) when fresh."""
+        now = self.status(a)
+        out.reasons = now.reasons or (["forced"] if force else ["inputs unchanged"])
+        if not now.reasons and not force:
+            out.version = now.last.version if now.last else None
+            out.prod_before = out.prod_after = self.registry.aliases(a.name).get((a.name, PROD))
+            return None
+        log.info("%s: %s", a.name, "; ".join(out.reasons))
+        return now
+
+    def _run_wave(self, stale: list[tuple[AdapterSpec, Assessment, Outcome]], executor: Executor) -> None:
+        """Base scores once per distinct test split, then every stale adapter's training and scoring through
+        the executor; then, here and one at a time, each result gated and published."""
+        keys = {a.name: self._eval_key(now.inputs) for a, now, _ in stale}
+        for a, now, _ in stale:
+            if now.last is not None and now.last.metrics.get("eval_key") == keys[a.name]:
+                cached = now.last.metrics.get("base_score")
+                if cached is not None:
+                    self._base_scores.setdefault(keys[a.name], float(cached))
+        todo = {keys[a.name]: a.name for a, _, _ in stale if keys[a.name] not in self._base_scores}
+        scored = executor.map(score_base, [BaseScoring(self.spec, name, self.place) for name in todo.values()])
+        for key, got in zip(todo, scored, strict=True):
+            if not isinstance(got, Exception):
+                self._base_scores[key] = got
+        ready, works = [], []
+        for a, now, out in stale:
+            if keys[a.name] not in self._base_scores:
+                self._failed(out, scored[list(todo).index(keys[a.name])])  # type: ignore[arg-type]
+                continue
+            w = self._guarded(out, lambda a=a, now=now, out=out: self._training(a, now, out))  # type: ignore[misc]
+            if w is not None:
+                ready.append((a, now, out))
+                works.append(w)
+        for (a, now, out), got in zip(ready, executor.map(train_and_score, works), strict=True):
+            if isinstance(got, Exception):
+                self._failed(out, got)
+                continue
+            self._guarded(out, lambda a=a, now=now, out=out, got=got: self._publish(a, now, out, got))  # type: ignore[misc]
+
+    def _work_dir(self, a: AdapterSpec) -> Path:
+        return self.spec.state / "work" / a.name
+
+    def _training(self, a: AdapterSpec, now: Assessment, out: Outcome) -> Training:
         prod = self._prod(a.name)
         out.prod_before = prod.version if prod else None
-        out.prod_score = self._prod_score(a, prod, eval_key) if prod else None
+        key = self._eval_key(now.inputs)
+        prod_score, score_prod = None, False
+        if prod is not None:
+            if prod.metrics.get("eval_key") == key and prod.metrics.get("score") is not None:
+                prod_score = float(prod.metrics["score"])
+            score_prod = prod.lineage.get("base_fingerprint") == self.base_fp
+        prod_dir = self.registry.checkout(prod) if prod is not None else None
+        return Training(
+            self.spec, a.name, self._work_dir(a), now.parent_dir, prod_dir, prod_score, score_prod, self.place
+        )
+
+    def _publish(self, a: AdapterSpec, now: Assessment, out: Outcome, got: Trained) -> None:
+        from graftlm.eval.suite import flat_figures
+
+        ins, work = now.inputs, self._work_dir(a)
+        eval_key = self._eval_key(ins)
+        out.action, out.seconds = "trained", got.seconds
+        out.score, out.base_score, out.prod_score = got.score, self._base_scores[eval_key], got.prod_score
         out.passed, out.gate = a.gate.check(out.score, out.base_score, out.prod_score)
         evaluation = None
         figures: dict[str, float] = {}
-        if a.full_evaluation:
-            doc = grade(self.spec.base, a, work, self.registry.checkout(prod) if prod else None, self.place)
-            figures = {k: v for k, v in flat_figures(doc, a.name).items() if "." not in k}
-            passed, why = a.gate.check_figures(figures, prod is not None)
+        if got.evaluation is not None:
+            figures = {k: v for k, v in flat_figures(got.evaluation, a.name).items() if "." not in k}
+            passed, why = a.gate.check_figures(figures, out.prod_before is not None)
             out.passed, out.gate = out.passed and passed, out.gate + why
             evaluation = self.spec.state / "work" / f"{a.name}.evaluation.json"
-            atomic_write(evaluation, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+            atomic_write(evaluation, json.dumps(got.evaluation, indent=1, ensure_ascii=False) + "\n")
         metrics = figures | {
             "metric": a.metric,
             "score": out.score,
             "base_score": out.base_score,
             "prod_score": out.prod_score,
-            "examples": n,
+            "examples": got.examples,
             "eval_key": eval_key,
             "gate": {"passed": out.passed, "reasons": out.gate},
         }
@@ -234,22 +301,14 @@ class Pipeline:
         except RegistryError:
             return None
 
-    def _base_score(self, a: AdapterSpec, last: Version | None, eval_key: str) -> float:
-        from graftlm.pipeline.steps import evaluate_adapter
 
-        if last is not None and last.metrics.get("eval_key") == eval_key and last.metrics.get("base_score") is not None:
-            return float(last.metrics["base_score"])
-        if eval_key not in self._base_scores:
-            self._base_scores[eval_key], _ = evaluate_adapter(self.spec.base, a, None, self.place)
-        return self._base_scores[eval_key]
-
-    def _prod_score(self, a: AdapterSpec, prod: Version, eval_key: str) -> float | None:
-        """Prod's score on today's test data and base; None if prod was made for another base model."""
-        from graftlm.pipeline.steps import evaluate_adapter
-
-        if prod.metrics.get("eval_key") == eval_key and prod.metrics.get("score") is not None:
-            return float(prod.metrics["score"])
-        if prod.lineage.get("base_fingerprint") != self.base_fp:
-            return None
-        score, _ = evaluate_adapter(self.spec.base, a, self.registry.checkout(prod), self.place)
-        return score
+def _waves(chosen: list[AdapterSpec]) -> list[list[AdapterSpec]]:
+    """The chosen adapters (parents first) in waves: each adapter one wave after its parent's."""
+    level: dict[str, int] = {}
+    for a in chosen:
+        parent = a.parent_name()
+        level[a.name] = level[parent] + 1 if parent in level else 0
+    waves: list[list[AdapterSpec]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for a in chosen:
+        waves[level[a.name]].append(a)
+    return waves

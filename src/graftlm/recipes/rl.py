@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -345,10 +346,11 @@ def _step(
 
 
 def _log_step(step: int, r: dict[str, float]) -> None:
+    base = "" if math.isnan(r["kl_base_seq"]) else f" (base {r['kl_base_seq']:.3f})"  # measured every few steps
     log.info(
-        "step %d: reward %.3f, pass %.2f, KL to ref %.3f (base %.3f) nats/answer, length %.1f tokens, "
+        "step %d: reward %.3f, pass %.2f, KL to ref %.3f%s nats/answer, length %.1f tokens, "
         "%.0f sampled tok/s, update %.1f s",
-        step, r["reward"], r["pass_rate"], r["kl_ref_seq"], r["kl_base_seq"], r["length"],
+        step, r["reward"], r["pass_rate"], r["kl_ref_seq"], base, r["length"],
         r["tokens"] / max(r["sample_seconds"], 1e-9), r["update_seconds"],
     )  # fmt: skip
 
