@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from pathlib import Path
@@ -73,6 +74,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("engine")
     add_fields(g, EngineConfig)
     g.add_argument("--pin", action="append", default=[], metavar="NAME", help="keep this adapter resident (repeatable)")
+    r = p.add_argument_group("Ray Serve (pip install 'graftlm[ray]'; docs/scaling.md)")
+    r.add_argument("--ray", action="store_true", help="serve engine replicas on Ray Serve, routed by adapter")
+    r.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
+    r.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://HOST:10001); default: a new one")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica asks Ray for (default: 1)")
+    r.add_argument(
+        "--adapters-per-replica",
+        type=int,
+        default=64,
+        help="adapters Ray's router counts as held by a replica (its cache's size in adapters) (default: 64)",
+    )
     p.set_defaults(run=run)
 
 
@@ -98,15 +110,39 @@ def settings_from(args: argparse.Namespace, model_name: str) -> ServerSettings:
     )
 
 
+def replica_parts(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
+    """One replica's engine and settings (called on each Ray Serve replica)."""
+    engine, name = build_engine(args)
+    return engine, settings_from(args, name)
+
+
 def run(args: argparse.Namespace) -> int:
     from graftlm.server.app import create_app
     from graftlm.server.run import serve
 
     settings_from(args, "")  # refuse bad access settings before the model loads
+    if args.ray:
+        return run_on_ray(args)
+    if args.replicas != 1 or args.address:
+        raise GraftlmError("--replicas and --address are for --ray")
     engine, name = build_engine(args)
     settings = settings_from(args, name)
     adapters = engine.cache.names()
     access = f"{len(settings.keys)} API keys" if settings.keys else "no API keys (loopback only)"
     log.info("serving %s with %d adapters on http://%s:%d/v1, %s", name, len(adapters), args.host, args.port, access)
     serve(engine, create_app(engine, settings), args.host, args.port)
+    return 0
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    try:
+        from graftlm.server.ray_serve import serve_on_ray
+    except ImportError:
+        raise GraftlmError("--ray needs Ray Serve: pip install 'graftlm[ray]'") from None
+    if args.replicas < 1:
+        raise GraftlmError(f"--replicas must be 1 or more, not {args.replicas}")
+    factory = functools.partial(replica_parts, args)
+    serve_on_ray(
+        factory, args.host, args.port, args.replicas, args.address, args.adapters_per_replica, args.replica_cpus
+    )
     return 0
