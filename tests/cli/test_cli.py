@@ -281,3 +281,10 @@ def test_training_on_a_bfloat16_base_keeps_a_float32_adapter(tiny_dir: Path, tmp
         losses[dtype] = json.loads((out / "training.json").read_text())["metrics"]["valid_loss"]
         assert all(t.dtype == torch.float32 for t in read_adapter(out).tensors.values())
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
+
+
+def test_ray_options_without_ray_are_refused(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "-m", str(tiny_dir), "--replicas", "2"]) == 2
+    assert "--replicas and --address are for --ray" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--spec", "missing.toml", "--address", "auto"]) == 2
+    assert "--address is for --executor ray" in capsys.readouterr().err

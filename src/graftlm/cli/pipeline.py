@@ -80,6 +80,8 @@ def _score(x: float | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.address and args.executor != "ray":
+        raise GraftlmError("--address is for --executor ray")
     spec = load_spec(args.spec)
     executor = executor_for(args.executor, args.address, args.task_cpus, args.task_gpus)
     outcomes = Pipeline(spec, placement_from(args)).run(
