@@ -44,7 +44,8 @@ def url(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         serve.start(http_options={"host": "127.0.0.1", "port": port})
     except Exception as e:
         pytest.skip(f"Ray Serve could not start here: {type(e).__name__}: {e}")
-    serve.run(build_app(functools.partial(replica_parts, args), 2, 8, 0.0), name="graftlm", route_prefix="/")
+    app = build_app(functools.partial(replica_parts, args), 2, 8, 0.0, metrics_every_s=1.0)
+    serve.run(app, name="graftlm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -116,7 +117,9 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(url: str) -> No
 
 def test_adapter_keys_and_merged_metrics() -> None:
     body = json.dumps({"model": "summarize@3", "messages": []}).encode()
-    assert adapter_of("POST", "/v1/chat/completions", body) == "summarize@3"
+    assert adapter_of("POST", "/v1/chat/completions", body) == "summarize"  # versions share their replicas
+    mix = json.dumps({"model": "a:0.7+b:0.3", "prompt": "x"}).encode()
+    assert adapter_of("POST", "/v1/completions", mix) == "a:0.7+b:0.3"
     assert adapter_of("POST", "/v1/chat/completions", b"{broken") == ""
     assert adapter_of("GET", "/v1/models", b"") == ""
     merged = merge_metrics({"r1": '# TYPE x counter\nx 2\ny{a="b"} 1.5\n', "r2": "# TYPE x counter\nx 3\n"})

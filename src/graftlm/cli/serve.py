@@ -143,6 +143,13 @@ def run_on_ray(args: argparse.Namespace) -> int:
         raise GraftlmError(f"--replicas must be 1 or more, not {args.replicas}")
     factory = functools.partial(replica_parts, args)
     serve_on_ray(
-        factory, args.host, args.port, args.replicas, args.address, args.adapters_per_replica, args.replica_cpus
+        factory,
+        args.host,
+        args.port,
+        args.replicas,
+        adapters_per_replica=args.adapters_per_replica,
+        replica_cpus=args.replica_cpus,
+        address=args.address,
+        max_ongoing=2 * args.max_batch,
     )
     return 0

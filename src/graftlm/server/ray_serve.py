@@ -16,7 +16,9 @@ Serve's FastAPI ingress reads the route methods' annotations as objects.)
 import asyncio
 import json
 import logging
+import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +35,12 @@ log = logging.getLogger(__name__)
 BOARD = "graftlm-metrics"  # the named actor holding each replica's latest metrics
 COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
-STALE_S = 60.0  # a replica silent this long (gone, replaced) leaves /metrics
+STALE_S = 60.0
+MAX_ONGOING = 100_000
+# Ray Serve logs every request in the proxy, the ingress and the replica at INFO: on a small host that
+# costs more CPU than the routing; graftlm's own logs say what happened
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+METRICS_EVERY_S = 5.0  # a replica silent this long (gone, replaced) leaves /metrics
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 Factory = Callable[[], tuple[Engine, ServerSettings]]
@@ -48,7 +55,11 @@ def adapter_of(method: str, path: str, body: bytes) -> str:
         model = json.loads(body).get("model", "")
     except (ValueError, AttributeError):
         return ""
-    return model if isinstance(model, str) and len(model) <= 512 else ""
+    if not isinstance(model, str) or len(model) > 512:
+        return ""
+    # keyed by the adapter's name: `summarize`, `summarize@prod` and `summarize@3` share replicas, and a
+    # moved alias stays where its adapter was (one cold load of the new version there)
+    return model if "+" in model or ":" in model else model.partition("@")[0]
 
 
 def merge_metrics(texts: dict[str, str]) -> str:
@@ -86,13 +97,59 @@ def error_body(message: str, status: int) -> bytes:
     return json.dumps({"error": {"message": message, "type": "server_error", "code": status}}).encode()
 
 
-def build_app(factory: Factory, replicas: int, adapters_per_replica: int, replica_cpus: float) -> Any:
+class EngineThread:
+    """An engine built and run on one thread of its own. The model loads on the thread that runs it: libgomp
+    keeps a pool of worker threads per thread that runs parallel torch ops, and a second pool makes every
+    decode step slower on a small host (benchmarks/README.md, "Engine thread and malloc")."""
+
+    def __init__(self, factory: Factory) -> None:
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(factory,), name="graftlm-engine", daemon=True)
+        self.thread.start()
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self, factory: Factory) -> None:
+        try:
+            self.engine, self.settings = factory()
+        except BaseException as e:  # raised again on the constructing thread
+            self.error = e
+            return
+        finally:
+            self.ready.set()
+        self.engine.run_forever()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        if self.error is None:
+            self.engine.stop()
+        self.thread.join(timeout=10)
+
+
+def build_app(
+    factory: Factory,
+    replicas: int,
+    adapters_per_replica: int,
+    replica_cpus: float,
+    metrics_every_s: float = METRICS_EVERY_S,
+    max_ongoing: int = 64,
+) -> Any:
     """The Ray Serve application: `serve.run(build_app(...))`."""
     from ray import serve
 
     board = _board()
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
+    # Ray Serve lets a replica hold 5 requests by default, too few for a batching engine; `max_ongoing`
+    # (twice the engine's rows) is where Ray starts sending a busy adapter's requests to another replica
+    # rather than queueing them all on its holder (docs/scaling.md, the routing simulation)
+    @serve.deployment(
+        num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}, max_ongoing_requests=max_ongoing
+    )
     class EngineReplica:
         def __init__(self, factory: Factory) -> None:
             import httpx
@@ -100,8 +157,8 @@ def build_app(factory: Factory, replicas: int, adapters_per_replica: int, replic
             from graftlm.server.app import create_app
             from graftlm.server.run import free_port, http_server
 
-            engine, settings = factory()
-            self.engine = engine.start()
+            self.runner = EngineThread(factory)
+            engine, settings = self.runner.engine, self.runner.settings
             self.stack = ExitStack()
             port = free_port()
             self.stack.enter_context(http_server(create_app(engine, settings), "127.0.0.1", port))
@@ -119,7 +176,7 @@ def build_app(factory: Factory, replicas: int, adapters_per_replica: int, replic
             self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
         ) -> AsyncIterator[Any]:
             if self.pusher is None:  # the replica's event loop runs now: report its metrics from here on
-                self.pusher = asyncio.get_running_loop().create_task(self._push_every(1.0))
+                self.pusher = asyncio.get_running_loop().create_task(self._push_every(metrics_every_s))
             ref = serve.get_multiplexed_model_id()
             if ref:
                 await self.hold(ref)
@@ -149,16 +206,16 @@ def build_app(factory: Factory, replicas: int, adapters_per_replica: int, replic
                 await asyncio.sleep(seconds)
 
         def check_health(self) -> None:
-            if not self.engine.started:
+            if not self.runner.alive:
                 raise RuntimeError("the engine loop stopped")
 
         def __del__(self) -> None:
             self.stack.close()
-            self.engine.stop()
+            self.runner.stop()
 
     app = FastAPI(title="graftlm on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
     @serve.ingress(app)
     class Router:
         def __init__(self, replicas: Any) -> None:
@@ -227,15 +284,24 @@ def serve_on_ray(
     replica_cpus: float = 1.0,
     address: str | None = None,
     block: bool = True,
+    max_ongoing: int = 64,
 ) -> None:
     """Start (or join) a Ray cluster and serve graftlm on it; with `block`, until interrupted."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(factory, replicas, adapters_per_replica, replica_cpus), name="graftlm", route_prefix="/")
+        own: dict[str, Any] = {}
+        if address is None:
+            # a cluster of our own: Ray starts its workers at niceness 15, so a busy host (the clients, Ray's
+            # own processes) takes the replicas' CPU first; serving replicas run at the normal priority.
+            # No dashboard either: its processes take CPU from the replicas on a small host
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            own["include_dashboard"] = False
+        ray.init(address=address, logging_level=logging.WARNING, **own)
+    serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
+    app = build_app(factory, replicas, adapters_per_replica, replica_cpus, max_ongoing=max_ongoing)
+    serve.run(app, name="graftlm", route_prefix="/", logging_config=QUIET)
     log.info("graftlm on Ray Serve: %d replicas at http://%s:%d/v1", replicas, host, port)
     if block:
         try:
