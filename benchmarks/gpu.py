@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from multi_lora import make_adapters  # the same 32 random rank-16 adapters (benchmarks/ is on the path)
 from rich.console import Console
 from rich.table import Table
 
@@ -38,8 +39,6 @@ from graftlm.engine.offline import Job, run_jobs
 from graftlm.engine.sampling import SamplingParams
 from graftlm.loading.checkpoint import load_checkpoint
 from graftlm.lora.config import LoraConfig
-from graftlm.lora.model import add_lora, lora_layers, lora_state_dict
-from graftlm.lora.peft_io import save_adapter
 from graftlm.train.data import Batch
 from graftlm.train.losses import completion_loss
 from graftlm.train.trainer import TrainConfig, Trainer
@@ -165,22 +164,8 @@ def decode_part(ckpt: Path, shape: str, args: argparse.Namespace) -> list[tuple[
 
 
 # ---- serving over many adapters ----------------------------------------------------------------------
-def make_adapters(ckpt: Path, n: int, out: Path) -> list[str]:
-    model, _ = load_checkpoint(ckpt)
-    config = LoraConfig(r=16, alpha=32)
-    add_lora(model, config)
-    names = []
-    for i in range(n):
-        with torch.no_grad():
-            for _, layer in lora_layers(model):
-                layer.lora_B.normal_(0, 0.01)
-        names.append(f"a{i}")
-        save_adapter(out / names[-1], config, lora_state_dict(model), model.fingerprint())
-    return names
-
-
 def serve_part(ckpt: Path, shape: str, args: argparse.Namespace, work: Path) -> list[tuple[str, float, float]]:
-    names = make_adapters(ckpt, 32, work / "adapters")
+    names = [p.name for p in make_adapters(ckpt, 32, work / "adapters")]
     model, tok = load_checkpoint(ckpt, getattr(torch, args.dtype), args.device)
     vocab = int(SHAPES[shape]["vocab_size"])  # type: ignore[call-overload]
     config = EngineConfig(max_batch=64, max_len=args.prompt_len + args.new_tokens + 8, prefix_cache_mb=0.0)

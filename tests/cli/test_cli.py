@@ -115,18 +115,21 @@ def test_chat_drops_the_oldest_turns_to_fit(tiny_dir: Path) -> None:
         fit(gen, [{"role": "user", "content": turn * 20}], room=32)
 
 
+def write_say(data: Path, repeats: int) -> None:
+    """Chat lines that teach one-word answers ("Say apple" -> "apple"), each word `repeats` times."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+        for w in ["apple", "sky", "grass", "night"] * repeats
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_train_writes_a_peft_adapter_with_its_record(tiny_dir: Path, tmp_path: Path) -> None:
     from graftlm.loading.checkpoint import load_checkpoint
     from graftlm.lora.peft_io import read_adapter
 
     data = tmp_path / "train.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]})
-            + "\n"
-            for w in ["apple", "sky", "grass", "night"] * 3
-        )
-    )
+    write_say(data, 3)
     out = tmp_path / "adapters" / "say"
     args = [
         "train",
@@ -266,13 +269,7 @@ def test_training_on_a_bfloat16_base_keeps_a_float32_adapter(tiny_dir: Path, tmp
     from graftlm.lora.peft_io import read_adapter
 
     data = tmp_path / "train.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]})
-            + "\n"
-            for w in ["apple", "sky", "grass", "night"] * 2
-        )
-    )
+    write_say(data, 2)
     losses = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype

@@ -7,7 +7,7 @@ sampling settings together, so k samples of a prompt or a dozen adapters' answer
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +38,9 @@ def run_jobs(engine: Engine, jobs: Sequence[Job], label: str = "generating", uni
     """Every job's answer, in order; a job that fails raises its error after the others finish."""
     out = [Finished() for _ in jobs]
     pending = [len(jobs)]
+    finished = threading.Event()  # set when the last job ends
+    if not jobs:
+        finished.set()
     errors: list[Exception] = []
     with progress(label, len(jobs), unit) as bar:
 
@@ -55,16 +58,17 @@ def run_jobs(engine: Engine, jobs: Sequence[Job], label: str = "generating", uni
                     out[i].finish_reason = o.finish_reason or "error"
                     pending[0] -= 1
                     bar.advance(1)
+                    if pending[0] == 0:
+                        finished.set()
 
             return sink
 
         for i, job in enumerate(jobs):
             engine.submit(job.prompt, job.params, list(job.adapters), sink_for(i))
         if engine.started:  # its own thread runs the loop: wait for the answers
-            while pending[0]:
-                time.sleep(0.005)
+            finished.wait()
         else:
-            engine.run_forever(until=lambda: pending[0] == 0)
+            engine.run_forever(until=finished.is_set)
     if errors:
         raise errors[0]
     return out

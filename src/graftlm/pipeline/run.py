@@ -216,15 +216,18 @@ class Pipeline:
                     self._base_scores.setdefault(keys[a.name], float(cached))
         todo = {keys[a.name]: a.name for a, _, _ in stale if keys[a.name] not in self._base_scores}
         scored = executor.map(score_base, [BaseScoring(self.spec, name, self.place) for name in todo.values()])
+        unscored: dict[str, Exception] = {}
         for key, got in zip(todo, scored, strict=True):
-            if not isinstance(got, Exception):
+            if isinstance(got, Exception):
+                unscored[key] = got
+            else:
                 self._base_scores[key] = got
         ready, works = [], []
         for a, now, out in stale:
-            if keys[a.name] not in self._base_scores:
-                self._failed(out, scored[list(todo).index(keys[a.name])])  # type: ignore[arg-type]
+            if keys[a.name] in unscored:
+                self._failed(out, unscored[keys[a.name]])
                 continue
-            w = self._guarded(out, lambda a=a, now=now, out=out: self._training(a, now, out))  # type: ignore[misc]
+            w = self._guarded(out, lambda a=a, now=now, out=out: self._training(a, keys[a.name], now.parent_dir, out))  # type: ignore[misc]
             if w is not None:
                 ready.append((a, now, out))
                 works.append(w)
@@ -232,30 +235,26 @@ class Pipeline:
             if isinstance(got, Exception):
                 self._failed(out, got)
                 continue
-            self._guarded(out, lambda a=a, now=now, out=out, got=got: self._publish(a, now, out, got))  # type: ignore[misc]
+            self._guarded(out, lambda a=a, now=now, out=out, got=got: self._publish(a, now, keys[a.name], out, got))  # type: ignore[misc]
 
     def _work_dir(self, a: AdapterSpec) -> Path:
         return self.spec.state / "work" / a.name
 
-    def _training(self, a: AdapterSpec, now: Assessment, out: Outcome) -> Training:
+    def _training(self, a: AdapterSpec, key: str, parent_dir: Path | None, out: Outcome) -> Training:
         prod = self._prod(a.name)
         out.prod_before = prod.version if prod else None
-        key = self._eval_key(now.inputs)
         prod_score, score_prod = None, False
         if prod is not None:
             if prod.metrics.get("eval_key") == key and prod.metrics.get("score") is not None:
                 prod_score = float(prod.metrics["score"])
             score_prod = prod.lineage.get("base_fingerprint") == self.base_fp
         prod_dir = self.registry.checkout(prod) if prod is not None else None
-        return Training(
-            self.spec, a.name, self._work_dir(a), now.parent_dir, prod_dir, prod_score, score_prod, self.place
-        )
+        return Training(self.spec, a.name, self._work_dir(a), parent_dir, prod_dir, prod_score, score_prod, self.place)
 
-    def _publish(self, a: AdapterSpec, now: Assessment, out: Outcome, got: Trained) -> None:
+    def _publish(self, a: AdapterSpec, now: Assessment, eval_key: str, out: Outcome, got: Trained) -> None:
         from graftlm.eval.suite import flat_figures
 
         ins, work = now.inputs, self._work_dir(a)
-        eval_key = self._eval_key(ins)
         out.action, out.seconds = "trained", got.seconds
         out.score, out.base_score, out.prod_score = got.score, self._base_scores[eval_key], got.prod_score
         out.passed, out.gate = a.gate.check(out.score, out.base_score, out.prod_score)
