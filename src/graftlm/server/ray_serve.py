@@ -1,13 +1,13 @@
 """graftlm on Ray Serve: engine replicas behind the same OpenAI-compatible API, routed by adapter.
 
 Two deployments. `EngineReplica` (N replicas) each hold one engine with its own byte-bounded adapter cache
-and serve graftlm's own HTTP app on a loopback port, so every endpoint, error and stream is exactly the
-plain server's. `Router` (the ingress, on Ray Serve's HTTP proxy) reads a request's `model` and passes the
-request to a replica through Ray Serve's model multiplexing keyed by that adapter reference: a replica that
-already holds the adapter gets its traffic, so cold loads stay rare; requests for the base model go to any
-replica. A replica that dies is replaced by Ray Serve; a request it held gets a 503 with a clear message,
-never a hang. `GET /metrics` merges the replicas' (totals, then each replica's series with a `replica`
-label, including the requests routed to it per adapter).
+and pass each request to graftlm's own app in-process (`asgi_call`), so every endpoint, error and stream is
+exactly the plain server's. `Router` (the ingress, on Ray Serve's HTTP proxy) reads a request's `model` and
+passes the request to a replica through Ray Serve's model multiplexing keyed by that adapter reference: a
+replica that already holds the adapter gets its traffic, so cold loads stay rare; requests for the base
+model go to any replica. A replica that dies is replaced by Ray Serve; a request it held gets a 503 with a
+clear message, never a hang. `GET /metrics` merges the replicas' (totals, then each replica's series with a
+`replica` label, including the requests routed to it per adapter).
 
 Needs `graftlm[ray]`; nothing else in graftlm imports Ray. (No `from __future__ import annotations` here: Ray
 Serve's FastAPI ingress reads the route methods' annotations as objects.)
@@ -22,13 +22,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from graftlm.engine.engine import Engine
+from graftlm.server import asgi_call
 from graftlm.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -152,17 +152,10 @@ def build_app(
     )
     class EngineReplica:
         def __init__(self, factory: Factory) -> None:
-            import httpx
-
             from graftlm.server.app import create_app
-            from graftlm.server.run import free_port, http_server
 
             self.runner = EngineThread(factory)
-            engine, settings = self.runner.engine, self.runner.settings
-            self.stack = ExitStack()
-            port = free_port()
-            self.stack.enter_context(http_server(create_app(engine, settings), "127.0.0.1", port))
-            self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=None)
+            self.app = create_app(self.runner.engine, self.runner.settings)
             self.name = serve.get_replica_context().replica_id.unique_id
             self.routed: Counter[str] = Counter()
             self.pusher: asyncio.Task[None] | None = None
@@ -173,7 +166,7 @@ def build_app(
             return ref
 
         async def handle(
-            self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+            self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
         ) -> AsyncIterator[Any]:
             if self.pusher is None:  # the replica's event loop runs now: report its metrics from here on
                 self.pusher = asyncio.get_running_loop().create_task(self._push_every(metrics_every_s))
@@ -181,19 +174,18 @@ def build_app(
             if ref:
                 await self.hold(ref)
             self.routed[ref or "(base)"] += 1
-            request = self.client.build_request(method, path, headers=headers, content=body)
-            response = await self.client.send(request, stream=True)
-            try:
-                kept = [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
-                yield {"status": response.status_code, "headers": kept}
-                async for chunk in response.aiter_raw():
-                    yield chunk
-            finally:
-                await response.aclose()
+            # the app runs on this replica's event loop, no socket between: a unary answer is one item
+            async for part in asgi_call.call(self.app, method, target, headers, body):
+                if isinstance(part, asgi_call.Head):
+                    kept = [(k, v) for k, v in part.headers if k.lower() not in HOP_BY_HOP]
+                    yield {"status": part.status, "headers": kept, "body": part.body, "done": part.done}
+                else:
+                    yield part
 
         async def metrics(self) -> str:
             """This replica's /metrics plus the requests routed to it per adapter."""
-            text = (await self.client.get("/metrics")).text
+            parts = [p async for p in asgi_call.call(self.app, "GET", "/metrics", [], b"")]
+            text = b"".join(p.body if isinstance(p, asgi_call.Head) else p for p in parts).decode()
             routed = [f'graftlm_replica_routed_total{{adapter="{a}"}} {n}' for a, n in sorted(self.routed.items())]
             return text.rstrip("\n") + "\n" + "\n".join(routed) + "\n"
 
@@ -210,7 +202,6 @@ def build_app(
                 raise RuntimeError("the engine loop stopped")
 
         def __del__(self) -> None:
-            self.stack.close()
             self.runner.stop()
 
     app = FastAPI(title="graftlm on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -244,7 +235,11 @@ def build_app(
                 message = "the replica serving this request stopped before answering; retry the request"
                 return Response(error_body(message, 503), status_code=503, media_type="application/json")
 
+            if head["done"]:
+                return Response(head["body"], status_code=head["status"], headers=dict(head["headers"]))
+
             async def rest() -> AsyncIterator[bytes]:
+                yield head["body"]
                 try:
                     async for chunk in stream:
                         yield chunk
