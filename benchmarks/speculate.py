@@ -1,11 +1,14 @@
-"""Prompt-lookup speculation at batch 1 on the example tasks, against plain decoding of the same model.
+"""Speculation at batch 1 on the example tasks, against plain decoding of the same model.
 
 For each task (proofread, extract, summarize) the base model with the task's adapter merged in answers
 the first `--prompts` test prompts greedily, float32, `--threads` threads; each prompt is decoded plainly
-and with speculation in turn (the sides alternate, so host drift falls on both). Prints tokens/s of each
-side, the ratio, the draft acceptance, tokens per forward, and how many answers differ (0 expected).
+and with prompt-lookup speculation in turn (the sides alternate, so host drift falls on both), and with
+`--draft MODEL` also with that draft model proposing (`--draft-tokens` a step; the draft is shared by
+the tasks, without their adapters, as the server would share it). Prints tokens/s of each side, the
+ratio, the draft acceptance, tokens per forward, and how many answers differ (0 expected).
 
     python benchmarks/speculate.py --adapters adapters [--prompts 16] [--spec-tokens 7] [--threads 2]
+        [--draft /tmp/pal/mix --draft-tokens 4]
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from rich.table import Table
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.speculate import SPEC_TOKENS, SpecStats, speculative_steps
+from graftlm.engine.speculate import SPEC_TOKENS, ModelDrafter, SpecStats, check_draft, speculative_steps
+from graftlm.loading import catalog
 from graftlm.loading.merged import load_merged
 
 console = Console(soft_wrap=True)
@@ -42,43 +46,59 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--spec-tokens", type=int, default=SPEC_TOKENS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft", default=None, help="also speculate with this draft model (as -m names a model)")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="drafts a step with --draft")
+    ap.add_argument("--tasks", default=",".join(TASKS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     table = Table(title=f"batch 1, greedy, float32, {args.threads} threads, {args.prompts} prompts per task")
-    for col in ("task", "plain tok/s", "speculative tok/s", "ratio", "accepted", "tokens/forward", "answers differ"):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    for task in TASKS:
+    cols = ("task", "drafts", "plain tok/s", "speculative tok/s", "ratio", "accepted", "tokens/forward", "differ")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("task", "drafts") else "right")
+    draft = catalog.load(args.draft)[:2] if args.draft else None
+    for task in args.tasks.split(","):
         model, tok, _ = load_merged(args.model, args.adapters / task)
         gen = Generator(model, tok)
         chats, max_new = prompts_of(args.examples / task, args.prompts)
         params = SamplingParams(max_new_tokens=max_new)
         gen.generate([tok.encode_chat(chats[0])], params)  # warm-up
-        plain_s = spec_s = 0.0
-        plain_n = spec_n = differ = 0
-        stats = SpecStats()
+        sides: dict[str, tuple[int, object]] = {"prompt lookup": (args.spec_tokens, None)}
+        if draft is not None:
+            check_draft(model, tok, *draft)
+            sides[f"draft {Path(args.draft).name}"] = (args.draft_tokens, ModelDrafter(draft[0]))
+        plain_s, plain_n = 0.0, 0
+        spent = dict.fromkeys(sides, 0.0)
+        made = dict.fromkeys(sides, 0)
+        differ = dict.fromkeys(sides, 0)
+        stats = {side: SpecStats() for side in sides}
         for chat in chats:
             ids = tok.encode_chat(chat)
             t0 = time.perf_counter()
             want = gen.generate([ids], params)[0].token_ids
             plain_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            got = [ev.token for ev in speculative_steps(model, tok, ids, params, args.spec_tokens, stats)]
-            spec_s += time.perf_counter() - t0
-            got = got[:-1] if got and got[-1] in gen.stop_ids else got  # generate() drops the EOS
             plain_n += len(want)
-            spec_n += len(got)
-            differ += got != want
-        a, b = plain_n / plain_s, spec_n / spec_s
-        table.add_row(
-            task,
-            f"{a:.1f}",
-            f"{b:.1f}",
-            f"{b / a:.2f}x",
-            f"{stats.acceptance:.0%}",
-            f"{stats.tokens_per_forward:.2f}",
-            str(differ),
-        )
-        console.print(f"{task}: plain {a:.1f} tok/s, speculative {b:.1f} tok/s ({b / a:.2f}x)")
+            for side, (k, drafter) in sides.items():
+                t0 = time.perf_counter()
+                got = [ev.token for ev in speculative_steps(model, tok, ids, params, k, stats[side], drafter)]
+                spent[side] += time.perf_counter() - t0
+                got = got[:-1] if got and got[-1] in gen.stop_ids else got  # generate() drops the EOS
+                made[side] += len(got)
+                differ[side] += got != want
+        a = plain_n / plain_s
+        for side in sides:
+            b = made[side] / spent[side]
+            st = stats[side]
+            table.add_row(
+                task,
+                side,
+                f"{a:.1f}",
+                f"{b:.1f}",
+                f"{b / a:.2f}x",
+                f"{st.acceptance:.0%}",
+                f"{st.tokens_per_forward:.2f}",
+                str(differ[side]),
+            )
+            console.print(f"{task}, {side}: plain {a:.1f} tok/s, speculative {b:.1f} tok/s ({b / a:.2f}x)")
     console.print(table)
 
 

@@ -63,7 +63,7 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, **overrides: object) -> Pat
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
-    cfg = dict(TINY, vocab_size=tok.get_vocab_size(), **overrides)
+    cfg = {**TINY, "vocab_size": tok.get_vocab_size(), **overrides}
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     # Random init with std 0.02 gives near-uniform logits; widen it so greedy choices are not ties.

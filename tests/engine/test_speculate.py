@@ -10,9 +10,18 @@ import torch
 
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams, filter_logits
-from graftlm.engine.speculate import SpecStats, check_spec_tokens, propose, speculative_steps, verify
+from graftlm.engine.speculate import (
+    ModelDrafter,
+    SpecStats,
+    check_draft,
+    check_spec_tokens,
+    propose,
+    speculative_steps,
+    verify,
+)
 from graftlm.errors import ConfigError
 from graftlm.loading.checkpoint import load_checkpoint
+from tests.conftest import write_tiny_checkpoint
 
 
 def test_propose_copies_what_followed_the_latest_match() -> None:
@@ -82,3 +91,56 @@ def test_generate_cli_speculates_and_reports(tiny_dir: Path, capsys: pytest.Capt
     assert "one prompt at a time" in capsys.readouterr().err
     assert main([*base, "--speculate", "ngram", "--spec-tokens", "0"]) == 2
     assert "between 1 and 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_speculation_with_a_draft_model_gives_the_plain_decoders_tokens(
+    tiny_dir: Path, tmp_path: Path, seed: int
+) -> None:
+    model, tok = load_checkpoint(tiny_dir)
+    draft, draft_tok = load_checkpoint(write_tiny_checkpoint(tmp_path / "draft", seed=seed))
+    check_draft(model, tok, draft, draft_tok)
+    gen, drafter = Generator(model, tok), ModelDrafter(draft)
+    stats = SpecStats()
+    for text in ["the quick brown fox jumps", "Meeting on Tuesday at 3pm. Meeting on", "teh cat"]:
+        ids = tok.encode(text)
+        params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+        want = gen.generate([ids], params)[0].token_ids
+        got = [ev.token for ev in speculative_steps(model, tok, ids, params, 5, stats, drafter)]
+        assert got == want, text
+    assert stats.tokens == 90 and stats.drafted > 0
+    if seed == 0:  # the draft is the target itself: every draft is the target's own greedy choice
+        assert stats.accepted == stats.drafted and stats.forwards <= 90 // 6 + 3
+    else:  # another random model: most drafts are rejected, the answer is the same
+        assert stats.acceptance < 0.5
+
+
+def test_a_draft_model_of_another_vocabulary_or_tokenizer_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    model, tok = load_checkpoint(tiny_dir)
+    wider = load_checkpoint(write_tiny_checkpoint(tmp_path / "wider", vocab_size=tok.vocab_size + 8))
+    with pytest.raises(ConfigError, match="vocabulary has"):
+        check_draft(model, tok, *wider)
+    other, other_tok = load_checkpoint(write_tiny_checkpoint(tmp_path / "other"))
+    other_tok.backend.add_tokens(["<|zz|>"])  # same size of embedding table, another id for some text
+    with pytest.raises(ConfigError, match="tokenizer differs"):
+        check_draft(model, tok, other, other_tok)
+
+
+def test_generate_cli_drafts_with_a_model_and_refuses_bad_flags(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graftlm.cli.main import main
+
+    base = ["generate", "-m", str(tiny_dir), "--raw", "-n", "20", "the quick brown fox"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(["-v", *base, "--speculate", "draft", "--draft", str(tiny_dir), "--spec-tokens", "4"]) == 0
+    got = capsys.readouterr()
+    assert got.out == plain and "drafted tokens accepted (100%)" in got.err
+    assert main([*base, "--speculate", "draft"]) == 2
+    assert "needs --draft" in capsys.readouterr().err
+    assert main([*base, "--draft", str(tiny_dir)]) == 2
+    assert "--speculate draft" in capsys.readouterr().err
+    wider = write_tiny_checkpoint(tmp_path / "wider", vocab_size=300)
+    assert main([*base, "--speculate", "draft", "--draft", str(wider)]) == 2
+    assert "share the target's tokenizer" in capsys.readouterr().err

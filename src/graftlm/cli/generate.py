@@ -8,9 +8,19 @@ import time
 
 from rich.console import Console
 
-from graftlm.cli.options import add_model, add_sampling, load_model, sampling_from
+from graftlm.cli.options import add_model, add_sampling, load_model, placement_from, sampling_from
 from graftlm.engine.generate import Generator
-from graftlm.engine.speculate import MAX_SPEC_TOKENS, SPEC_TOKENS, SpecStats, check_spec_tokens, speculative_steps
+from graftlm.engine.speculate import (
+    MAX_SPEC_TOKENS,
+    SPEC_TOKENS,
+    Drafter,
+    ModelDrafter,
+    NgramDrafter,
+    SpecStats,
+    check_draft,
+    check_spec_tokens,
+    speculative_steps,
+)
 from graftlm.errors import GraftlmError
 
 err = Console(stderr=True)
@@ -33,10 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("speculation")
     g.add_argument(
         "--speculate",
-        choices=["ngram"],
+        choices=["ngram", "draft"],
         default=None,
-        help="draft tokens by prompt lookup (ngram: copy what followed the text's last words earlier on) and "
-        "verify them in one forward; the output is what plain decoding gives (one prompt at a time)",
+        help="draft tokens by prompt lookup (ngram: copy what followed the text's last words earlier on) or "
+        "with a smaller model of the same tokenizer (draft, with --draft) and verify them in one forward; the "
+        "output is what plain decoding gives (one prompt at a time)",
+    )
+    g.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="--speculate draft: the draft model, named as -m names one (e.g. a palettized copy of the base)",
     )
     g.add_argument(
         "--spec-tokens",
@@ -59,19 +76,28 @@ def encode(gen: Generator, text: str, raw: bool, system: str | None) -> list[int
 def run(args: argparse.Namespace) -> int:
     params = sampling_from(args)
     texts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
+    if args.draft is not None and args.speculate != "draft":
+        raise GraftlmError("--draft names the draft model of --speculate draft")
+    if args.speculate == "draft" and args.draft is None:
+        raise GraftlmError("--speculate draft needs --draft MODEL")
+    if args.speculate:
+        check_spec_tokens(args.spec_tokens)
+        if len(texts) > 1:
+            raise GraftlmError("--speculate decodes one prompt at a time; give one prompt")
     model, tok, _ = load_model(args)
     gen = Generator(model, tok)
     prompts = [encode(gen, t, args.raw, args.system) for t in texts]
     stats = SpecStats()
-    if args.speculate:
-        check_spec_tokens(args.spec_tokens)
-        if len(prompts) > 1:
-            raise GraftlmError("--speculate decodes one prompt at a time; give one prompt")
+    drafter: Drafter | None = NgramDrafter() if args.speculate else None
+    if args.speculate == "draft":
+        draft, draft_tok, _ = placement_from(args).load(args.draft)
+        check_draft(model, tok, draft, draft_tok)
+        drafter = ModelDrafter(draft)
     t0 = time.perf_counter()
     if len(prompts) == 1:
         events = (
-            speculative_steps(model, tok, prompts[0], params, args.spec_tokens, stats)
-            if args.speculate
+            speculative_steps(model, tok, prompts[0], params, args.spec_tokens, stats, drafter)
+            if drafter is not None
             else gen.steps(prompts, params)
         )
         count = 0

@@ -1,6 +1,10 @@
-"""Token speculation by prompt lookup (Saxena, 2023): draft the next tokens by finding the text's last
-few tokens earlier in the prompt or the answer and copying what followed, then verify every draft in
-one forward of the model.
+"""Token speculation: draft the next tokens cheaply, then verify every draft in one forward of the model.
+
+Two drafters. Prompt lookup (Saxena, 2023; `NgramDrafter`) finds the text's last few tokens earlier in
+the prompt or the answer and copies what followed. A draft model (`ModelDrafter`) is any smaller or
+more compressed model of the same tokenizer (a palettized base drafting for the float32 target, say):
+it decodes greedily from the same text on its own KV cache, which keeps what it computed for the
+accepted tokens between steps.
 
 Verification is the standard rule (Leviathan et al., 2023; Chen et al., 2023) for a draft that is a
 single proposal (q puts all its mass on the drafted token d): accept d with probability p(d); on
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -52,6 +57,82 @@ def propose(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngra
                 if follow:
                     return follow
     return []
+
+
+class Drafter(Protocol):
+    def start(self, max_len: int) -> None:
+        """A new text of at most `max_len` tokens begins."""
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        """Up to `k` tokens that may follow `history` (the prompt and every token accepted so far)."""
+
+
+class NgramDrafter:
+    """Prompt lookup: what followed the latest earlier occurrence of the text's last 3, else 2 tokens."""
+
+    def start(self, max_len: int) -> None:
+        pass
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        return propose(history, k)
+
+
+def check_draft(target: Llama, target_tok: Tokenizer, draft: Llama, draft_tok: Tokenizer) -> None:
+    """Refuse a draft model whose tokens do not mean the target's: another vocabulary or tokenizer."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(
+            f"the draft model's vocabulary has {draft.config.vocab_size} tokens and the target's "
+            f"{target.config.vocab_size}: a draft model must share the target's tokenizer"
+        )
+    if draft_tok.backend.get_vocab(with_added_tokens=True) != target_tok.backend.get_vocab(with_added_tokens=True):
+        raise ConfigError("the draft model's tokenizer differs from the target's: its token ids mean other text")
+
+
+class ModelDrafter:
+    """Greedy drafts from a draft model. Its KV cache holds the keys and values of the tokens it was fed
+    (`fed`); a step feeds only what differs from the text since (the token after the accepted drafts,
+    or after the last rejection), in one call, then decodes the rest one token at a time."""
+
+    def __init__(self, model: Llama) -> None:
+        self.model = model
+        self.cache: KVCache | None = None
+        self.native: NativeStep | None = None
+        self.fed: list[int] = []
+
+    def start(self, max_len: int) -> None:
+        if self.cache is None or self.cache.max_len < max_len:
+            cfg = self.model.config
+            self.cache = KVCache(cfg, 1, min(max_len, cfg.max_position_embeddings), self.model.dtype, self.model.device)
+            self.native = NativeStep.build(self.model, self.cache)
+        self.fed = []
+
+    def _next(self, tokens: list[int], at: int) -> int:
+        """The draft model's greedy token after `tokens` fed at cache positions `at`, `at + 1`, ..."""
+        assert self.cache is not None
+        if self.native is not None and len(tokens) <= NativeStep.MAX_TOKENS:
+            logits = self.native(tokens, at)[-1]
+        else:
+            ids = torch.tensor([tokens], device=self.model.device)
+            positions = torch.arange(at, at + len(tokens), device=self.model.device)[None]
+            logits = self.model(ids, positions, self.cache, at, last_only=True)[0, -1]
+        self.fed[at:] = tokens
+        return int(logits.argmax())
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        assert self.cache is not None, "start() first"
+        k = min(k, self.cache.max_len - len(history))
+        if k <= 0:
+            return []
+        same = 0
+        for a, b in zip(self.fed, history, strict=False):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(history) - 1)  # the last token is fed again: its logits give the first draft
+        out = [self._next(list(history[same:]), same)]
+        while len(out) < k:
+            out.append(self._next([out[-1]], len(history) + len(out) - 1))
+        return out
 
 
 def verify(
@@ -103,9 +184,12 @@ def speculative_steps(
     params: SamplingParams,
     k: int,
     stats: SpecStats | None = None,
+    drafter: Drafter | None = None,
 ) -> Iterator[StepEvent]:
-    """One prompt's answer, drafting up to `k` tokens a step by prompt lookup; events as `Generator.steps`."""
+    """One prompt's answer, drafting up to `k` tokens a step (by prompt lookup unless another `drafter` is
+    given); events as `Generator.steps`."""
     check_spec_tokens(k)
+    drafter = drafter if drafter is not None else NgramDrafter()
     window = model.config.max_position_embeddings
     check_prompt(prompt, window, "the model's context window")
     stats = stats if stats is not None else SpecStats()
@@ -117,6 +201,7 @@ def speculative_steps(
     tokens = torch.tensor([list(prompt)], device=device)
     logits = model(tokens, None, cache, 0, last_only=True)[:, -1]  # [1, V]
     native = NativeStep.build(model, cache) if k + 1 <= NativeStep.MAX_TOKENS else None
+    drafter.start(cache.max_len)
     history = list(prompt)
     new = [row.choose(logits[0])]
     start = len(prompt)  # the cache holds positions [0, start); new[-1] is not in it yet
@@ -129,7 +214,7 @@ def speculative_steps(
             if got.finish_reason is not None:
                 return
         room = min(k, budget - row.produced - 1, cache.max_len - start - 1)
-        draft = propose(history, room) if room > 0 else []
+        draft = drafter.propose(history, room) if room > 0 else []
         if native is not None:  # the verification forward as one native call
             logits = native([history[-1], *draft], start)  # [1 + len(draft), V]
         else:
