@@ -15,8 +15,9 @@ needs_kernel = pytest.mark.skipif(linear.kernel() is None, reason="no C compiler
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [0, 1, 3, 5, 8])
-# in_f below, at and off the 32-wide unroll; 1536 and 1100: the widest rows decoding sends to the kernel
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8])
+# in_f below, at and off the 32-wide unroll; 1536 and 1100: the widest rows decoding sends to the kernel;
+# 4, 5 and 8 rows: whole tiles of four rows and the rows left over; out_f 7, 33: weight rows past the tiles
 @pytest.mark.parametrize("shape", [(64, 576), (7, 33), (1536, 19), (40, 1536), (33, 1100)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_equals_f_linear(rows: int, shape: tuple[int, int], bias: bool) -> None:

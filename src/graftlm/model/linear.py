@@ -30,12 +30,99 @@ MAX_ROWS = 8
 paths = FasterPath("gemv")
 
 SOURCE = r"""
+#if defined(__AVX512F__)
+/* A tile of the product: out[j * 4 + r] = w[j] . x[r] for TILE_W weight rows and 4 input rows, each `ld`
+   floats apart. Every loaded piece of weight serves four rows and every loaded piece of input TILE_W
+   weight rows, so several rows (a speculative step's verification) cost about what their arithmetic
+   costs, not a load per multiply-add; 512-bit products where the CPU has them. */
+#define TILE_W 4
+static inline void dot_tile(const float *w, const float *x, int64_t ld, int64_t n, float *out) {
+    __m512 acc[TILE_W][4];
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + ld + i);
+        const __m512 x2 = _mm512_loadu_ps(x + 2 * ld + i), x3 = _mm512_loadu_ps(x + 3 * ld + i);
+        for (int j = 0; j < TILE_W; j++) {
+            const __m512 wj = _mm512_loadu_ps(w + j * ld + i);
+            acc[j][0] = _mm512_fmadd_ps(wj, x0, acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(wj, x1, acc[j][1]);
+            acc[j][2] = _mm512_fmadd_ps(wj, x2, acc[j][2]);
+            acc[j][3] = _mm512_fmadd_ps(wj, x3, acc[j][3]);
+        }
+    }
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < 4; r++) {
+            float s = _mm512_reduce_add_ps(acc[j][r]);
+            for (int64_t t = i; t < n; t++) s += w[j * ld + t] * x[r * ld + t];
+            out[j * 4 + r] = s;
+        }
+}
+#elif defined(__AVX2__)
+/* A tile of the product: out[j * 4 + r] = w[j] . x[r] for TILE_W weight rows and 4 input rows, each `ld`
+   floats apart. Every loaded piece of weight serves four rows and every loaded piece of input TILE_W
+   weight rows, so several rows (a speculative step's verification) cost about what their arithmetic
+   costs, not a load per multiply-add. TILE_W x 4 accumulators: 16 where the CPU has 32 vector registers. */
+#ifdef __AVX512VL__
+#define TILE_W 4
+#else
+#define TILE_W 2
+#endif
+static inline void dot_tile(const float *w, const float *x, int64_t ld, int64_t n, float *out) {
+    __m256 acc[TILE_W][4];
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < 4; r++) acc[j][r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + ld + i);
+        const __m256 x2 = _mm256_loadu_ps(x + 2 * ld + i), x3 = _mm256_loadu_ps(x + 3 * ld + i);
+        for (int j = 0; j < TILE_W; j++) {
+            const __m256 wj = _mm256_loadu_ps(w + j * ld + i);
+            acc[j][0] = _mm256_fmadd_ps(wj, x0, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(wj, x1, acc[j][1]);
+            acc[j][2] = _mm256_fmadd_ps(wj, x2, acc[j][2]);
+            acc[j][3] = _mm256_fmadd_ps(wj, x3, acc[j][3]);
+        }
+    }
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < 4; r++) {
+            float v[8], s = 0.f;
+            _mm256_storeu_ps(v, acc[j][r]);
+            for (int l = 0; l < 8; l++) s += v[l];
+            for (int64_t t = i; t < n; t++) s += w[j * ld + t] * x[r * ld + t];
+            out[j * 4 + r] = s;
+        }
+}
+#else
+#define TILE_W 1
+static inline void dot_tile(const float *w, const float *x, int64_t ld, int64_t n, float *out) {
+    dot_rows(w, x, ld, n, 4, out);
+}
+#endif
+
 /* y[r, o] = x[r, :] . w[o, :] (+ bias[o]) for r < n_x. x [n_x, in_f], w [out_f, in_f], y [n_x, out_f].
-   Each weight row is read from memory once and dotted, from L1, with up to four input rows at a time. */
+   One input row: each weight row streams from memory once (`dot`). Several: tiles of TILE_W weight rows
+   by four input rows, then the rows left over four at a time per weight row (`row_products`). */
 void gemv(const float *x, const float *w, const float *bias, float *y, int64_t n_x, int64_t in_f, int64_t out_f,
           int n_threads) {
+    const int64_t tiles = n_x >= 4 ? out_f / TILE_W : 0, full = n_x / 4 * 4;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t o = 0; o < out_f; o++)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t o = t * TILE_W;
+        float d[TILE_W * 4];
+        for (int64_t r0 = 0; r0 < full; r0 += 4) {
+            dot_tile(w + o * in_f, x + r0 * in_f, in_f, in_f, d);
+            for (int j = 0; j < TILE_W; j++)
+                for (int r = 0; r < 4; r++) y[(r0 + r) * out_f + o + j] = d[j * 4 + r] + (bias ? bias[o + j] : 0.f);
+        }
+        if (full < n_x)
+            for (int j = 0; j < TILE_W; j++)
+                row_products(w + (o + j) * in_f, x + full * in_f, n_x - full, in_f, 1.f, bias ? bias[o + j] : 0.f,
+                             y + full * out_f, out_f, o + j);
+    }
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t o = tiles * TILE_W; o < out_f; o++)
         row_products(w + o * in_f, x, n_x, in_f, 1.f, bias ? bias[o] : 0.f, y, out_f, o);
 }
 """
