@@ -181,3 +181,59 @@ def test_a_second_engine_loop_is_refused_and_offline_jobs_use_the_running_one(
     for job, tokens in zip(jobs, got, strict=True):
         adapter = adapters_dir / f"a{int(tok.decode(job.prompt).split()[-1]) % 4}" if job.adapters else None
         assert tokens == offline(tiny_dir, adapter, job.prompt, params)
+
+
+def test_speculative_rows_give_the_plain_tokens_and_count_their_drafts(
+    tiny_dir: Path, adapters_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows with drafts (some right, some wrong) verified in one step beside rows without: every greedy
+    row gets exactly the plain decoder's tokens, and the drafts are counted per adapter."""
+    import graftlm.engine.engine as engine_module
+    from graftlm.server.metrics import render_metrics
+
+    tok = load_checkpoint(tiny_dir)[1]
+    texts = ["the quick brown fox the quick brown fox the quick", "Meeting on Tuesday at 3pm. Meeting on", "teh cat"]
+    names = ["a0", "a3", None, "a6", "a1"]  # a6: DoRA
+    reqs = []
+    for i in range(10):  # distinct prompts: the oracle below knows each one's answer
+        params = SamplingParams(max_new_tokens=[20, 40, 55][i % 3], ignore_eos=True)
+        reqs.append(([3 + i, *tok.encode(texts[i % 3])], params, names[i % len(names)]))
+    answers = {tuple(p): offline(tiny_dir, None if n is None else adapters_dir / n, p, q) for p, q, n in reqs}
+
+    def oracle(history: list[int], k: int) -> list[int]:
+        """The true continuation, its last token wrong for every other prompt; none for row 9 (plain rows)."""
+        for prompt, answer in answers.items():
+            if tuple(history[: len(prompt)]) == prompt and prompt[0] != 12:
+                done = len(history) - len(prompt)
+                draft = list(answer[done : done + k])
+                if draft and prompt[0] % 2:
+                    draft[-1] = (draft[-1] + 1) % tok.vocab_size
+                return draft
+        return []
+
+    monkeypatch.setattr(engine_module, "propose", oracle)
+    engine = make_engine(tiny_dir, adapters_dir, speculate="ngram", spec_tokens=5)
+    try:
+        sampled = SamplingParams(max_new_tokens=12, temperature=0.8, seed=1, ignore_eos=True)
+        outs = collect(engine, [*reqs, (reqs[0][0], sampled, "a0")])
+        metrics = render_metrics(engine)
+    finally:
+        engine.stop()
+    for (prompt, _, name), out in zip(reqs, outs[:-1], strict=True):
+        assert out[-1].error is None, out[-1].error
+        assert [o.token for o in out if o.token is not None] == answers[tuple(prompt)], name
+    assert outs[-1][-1].finish_reason == "length" and len([o for o in outs[-1] if o.token is not None]) == 12
+    stats = engine.cache.stats
+    drafted, accepted = sum(s.drafted for s in stats.values()), sum(s.accepted for s in stats.values())
+    assert 0 < accepted < drafted  # right drafts were taken, wrong ones refused
+    assert engine.tokens_generated == sum(p.max_new_tokens for _, p, _ in reqs) + 12
+    assert engine.decode_steps < engine.tokens_generated - 11 * 2  # fewer forwards than tokens
+    assert f'graftlm_adapter_accepted_total{{adapter="a0"}} {stats["a0"].accepted}' in metrics
+    assert f'graftlm_adapter_drafted_total{{adapter="a0"}} {stats["a0"].drafted}' in metrics
+
+
+def test_speculation_settings_are_checked(tiny_dir: Path, adapters_dir: Path) -> None:
+    from graftlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="between 1 and 16"):
+        make_engine(tiny_dir, adapters_dir, speculate="ngram", spec_tokens=17)

@@ -44,6 +44,9 @@ class AdapterStats:
     loads: int = 0
     load_failures: int = 0
     load_seconds: float = 0.0
+    spec_steps: int = 0  # decode steps that verified drafts for its requests
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass(eq=False)

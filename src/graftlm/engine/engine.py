@@ -40,6 +40,7 @@ from graftlm.engine.runner import ModelRunner, checked_picks, finite_rows
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.scheduler import Scheduler
 from graftlm.engine.sequence import Decoding, check_prompt
+from graftlm.engine.speculate import SPEC_MAX_BATCH, SPEC_TOKENS, accepted_prefix, check_spec_tokens, propose, verify
 from graftlm.errors import ConfigError, GraftlmError
 from graftlm.lora.config import AdapterError
 from graftlm.lora.slots import AdapterSlots
@@ -87,6 +88,15 @@ class EngineConfig:
     )
     max_waiting: int = setting(10_000, "requests waiting for a row beyond which new ones are refused (503)")
     max_queued_per_tenant: int = setting(4096, "one tenant's requests in the engine, waiting or running (429)")
+    speculate: str | None = setting(
+        None,
+        "draft tokens by prompt lookup and verify them in the decode step (greedy output unchanged)",
+        choices=("ngram",),
+    )
+    spec_tokens: int = setting(SPEC_TOKENS, "--speculate: most tokens drafted for a row in one step, 1-16")
+    spec_max_batch: int = setting(
+        SPEC_MAX_BATCH, "--speculate: draft only while at most this many rows decode (a full batch gains nothing)"
+    )
     strategy: str = "auto"  # how rows with different adapters are computed (see lora.batched)
 
 
@@ -100,6 +110,8 @@ class Engine:
         force: bool = False,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        if config.speculate is not None:
+            check_spec_tokens(config.spec_tokens)
         self.device = model.device
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
         self.max_len = min(config.max_len, model.config.max_position_embeddings)
@@ -290,7 +302,11 @@ class Engine:
                 self.peak_batch = max(self.peak_batch, len(reqs))
                 self.decode_rows += len(reqs)
                 self.decode_steps += 1
-                self._settle(reqs, self.runner.decode(reqs))
+                drafts = self._drafts(reqs)
+                if drafts is None:
+                    self._settle(reqs, self.runner.decode(reqs))
+                else:
+                    self._settle_verified(reqs, drafts, self.runner.verify(reqs, drafts))
                 self.decode_seconds += time.perf_counter() - t0
             if self.prefilling:
                 t0 = time.perf_counter()
@@ -303,6 +319,70 @@ class Engine:
                 self.prefill_seconds += time.perf_counter() - t0
         self.steps += 1
         return True
+
+    def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
+        """Each decoding row's drafts by prompt lookup, or None for a plain step (speculation off, the
+        batch too large for drafts to pay, or nothing drafted). Rows whose output is constrained (JSON
+        mode) draft nothing; no row's drafts run past its budget or its KV row."""
+        if self.config.speculate is None or len(reqs) > self.config.spec_max_batch:
+            return None
+        width = min(self.config.spec_tokens, min(self.max_len - r.filled for r in reqs) - 1)  # padding included
+        drafts = []
+        for r in reqs:
+            d = r.decoding
+            room = min(width, d.budget - d.produced - 1)
+            drafts.append(propose(r.prompt + r.token_ids, room) if room > 0 and d.constraint is None else [])
+        return drafts if any(drafts) else None
+
+    def _settle_verified(self, reqs: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> None:
+        """A verification step's rows: each keeps its accepted drafts and one token of the model's own
+        (`speculate.verify`), in order, as if decoded one by one; a row with a non-finite output fails alone."""
+        width = logits.shape[1]
+        both = torch.stack([torch.isfinite(logits).all(-1).long(), logits.argmax(-1)]).tolist()  # one transfer
+        finished = False
+        for i, (r, draft) in enumerate(zip(reqs, drafts, strict=True)):
+            if not all(both[0][i][: len(draft) + 1]):
+                self._fail_non_finite(r, written=r.filled + width)
+                finished = True
+                continue
+            try:
+                if self._greedy(r):
+                    picks = both[1][i]
+                    new = [*draft[: accepted_prefix(picks, draft)], picks[accepted_prefix(picks, draft)]]
+                else:
+                    new = verify(logits[i, : len(draft) + 1], draft, r.decoding.params, r.decoding.generator)
+            except Exception as e:  # this row's settings: fail it alone
+                log.warning("request failed verifying its drafts: %s", e)
+                self._finish(r, error=e)
+                finished = True
+                continue
+            for name in [s.name for s, _ in r.adapters] or [""]:
+                st = self.cache.stat(name)
+                st.spec_steps += 1
+                st.drafted += len(draft)
+                st.accepted += len(new) - 1
+            r.filled += len(new)  # the last token and the accepted drafts now hold their keys and values
+            finished |= self._take(r, new)
+        if finished:
+            self.scheduler.pack()
+
+    def _take(self, r: Request, tokens: list[int]) -> bool:
+        """Hand a row its next tokens in order; True when it finished (or failed) on one of them."""
+        for tok in tokens:
+            try:
+                got = r.decoding.accept(tok)
+            except Exception as e:
+                log.warning("request failed choosing its token: %s", e)
+                self._finish(r, error=e)
+                return True
+            r.last_token = tok
+            r.token_ids.append(tok)
+            self.tokens_generated += 1
+            if got.finish_reason is not None:
+                self._finish(r, reason=got.finish_reason, token=tok, delta=got.delta)
+                return True
+            r.sink(Output(tok, got.delta))
+        return False
 
     def _restore_prefixes(self) -> None:
         """Rows about to prefill take what the prefix cache holds of their prompts (checked again at each
@@ -377,10 +457,11 @@ class Engine:
         if reqs:
             self._choose(reqs, logits)
 
-    def _fail_non_finite(self, req: Request) -> None:
-        """Fail a row whose output was NaN or infinite, zeroing its KV first: stale positions of a row are
-        hidden by later requests' masks, and a masked 0 times NaN would still be NaN."""
-        self.kv.clear(req.row, req.filled)
+    def _fail_non_finite(self, req: Request, written: int = 0) -> None:
+        """Fail a row whose output was NaN or infinite, zeroing its KV first (up to `written` where a step
+        wrote past its tokens): stale positions of a row are hidden by later requests' masks, and a masked
+        0 times NaN would still be NaN."""
+        self.kv.clear(req.row, min(self.max_len, max(req.filled, written)))
         message = (
             "the model's output for this request is not finite (NaN or infinity): its adapter or mix is broken; "
             "other requests are unaffected"
@@ -401,20 +482,12 @@ class Engine:
         for i, r in enumerate(reqs):
             try:
                 tok = picks[i] if greedy[i] else r.decoding.choose(logits[i])
-                got = r.decoding.accept(tok)
             except Exception as e:  # this row's settings or text: fail it alone
                 log.warning("request failed choosing its token: %s", e)
                 self._finish(r, error=e)
                 finished = True
                 continue
-            r.last_token = tok
-            r.token_ids.append(tok)
-            self.tokens_generated += 1
-            if got.finish_reason is None:
-                r.sink(Output(tok, got.delta))
-            else:
-                self._finish(r, reason=got.finish_reason, token=tok, delta=got.delta)
-                finished = True
+            finished |= self._take(r, [tok])
         if finished:
             self.scheduler.pack()
 

@@ -31,6 +31,21 @@ class ModelRunner:
             r.filled += 1
         return logits
 
+    def verify(self, reqs: Sequence[Request], drafts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Each row's last token and its drafts in one forward (rows padded to the longest, the padding's
+        keys and values written past the row's tokens, where a later step overwrites them before any
+        query sees them); logits [n, S, V], position j predicting what follows draft[:j]. Rows' `filled`
+        is left to the caller, which knows how many drafts were accepted."""
+        width = 1 + max(len(d) for d in drafts)
+        offsets = torch.arange(width, device=self.device)
+        pos = torch.tensor([r.filled for r in reqs], device=self.device)[:, None] + offsets  # [n, S]
+        view = self.kv.decode(pos)
+        mask = (torch.arange(view.end, device=self.device)[None, None, :] <= pos[:, :, None])[:, None]
+        rows = [[r.last_token, *d] + [r.last_token] * (width - 1 - len(d)) for r, d in zip(reqs, drafts, strict=True)]
+        tokens = torch.tensor(rows, device=self.device)  # [n, S]
+        adapters = self._adapters(reqs, width)
+        return self.model(tokens, pos, view, 0, adapters=adapters, attn_mask=mask)
+
     def prefill(self, step: Prefill) -> torch.Tensor | None:
         """Take in `step`'s prompt tokens; logits [k, V] of the k prompts it finished (None if none)."""
         return self._packed(step.reqs) if step.packed else self._chunk(step.reqs[0], step.start, step.length)

@@ -35,6 +35,9 @@ MAX_SPEC_TOKENS = 16
 # (graftlm.model.linear.MAX_ROWS); adapting the length to the acceptance gained nothing measurable
 # (benchmarks/README.md, "Speculation")
 SPEC_TOKENS = 7
+# the serving engine drafts only while this many rows or fewer decode: a verification step widens every
+# row to the longest draft, and a full batch already keeps the cores busy (benchmarks/README.md, "Speculation")
+SPEC_MAX_BATCH = 4
 MAX_NGRAM = 3  # the longest suffix looked up; shorter ones are tried when it is not found
 MIN_NGRAM = 2  # a one-token match drafts noise more often than not (extract accepted 15% of its drafts)
 
@@ -133,6 +136,14 @@ class ModelDrafter:
         while len(out) < k:
             out.append(self._next([out[-1]], len(history) + len(out) - 1))
         return out
+
+
+def accepted_prefix(picks: Sequence[int], draft: Sequence[int]) -> int:
+    """How many drafts greedy decoding keeps: those equal to the model's pick before them."""
+    n = 0
+    while n < len(draft) and picks[n] == draft[n]:
+        n += 1
+    return n
 
 
 def verify(

@@ -16,6 +16,9 @@ ADAPTER_COUNTERS = (
     ("loads", "times the adapter was loaded from disk"),
     ("load_failures", "failed loads (corrupt or mismatched files)"),
     ("load_seconds", "seconds spent loading the adapter"),
+    ("spec_steps", "speculative decode steps (tokens per forward = (accepted + spec_steps) / spec_steps)"),
+    ("drafted", "tokens drafted by speculation"),
+    ("accepted", "drafted tokens the model accepted (acceptance = accepted / drafted)"),
 )
 
 
