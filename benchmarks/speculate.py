@@ -9,11 +9,18 @@ ratio, the draft acceptance, tokens per forward, and how many answers differ (0 
 
     python benchmarks/speculate.py --adapters adapters [--prompts 16] [--spec-tokens 7] [--threads 2]
         [--draft /tmp/pal/mix --draft-tokens 4]
+
+`--engine` instead measures the serving engine (`graftlm serve --speculate ngram`): the tasks' prompts
+sent to one engine with every task's adapter (not merged), `--concurrency` at a time, with speculation
+off and on in turn; prints tokens/s, the ratio, acceptance per adapter and whether the answers match.
+
+    python benchmarks/speculate.py --adapters adapters --engine [--concurrency 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,6 +29,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from graftlm.engine.adapter_finder import Source
+from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.speculate import SPEC_TOKENS, ModelDrafter, SpecStats, check_draft, speculative_steps
@@ -49,7 +58,13 @@ def main() -> None:
     ap.add_argument("--draft", default=None, help="also speculate with this draft model (as -m names a model)")
     ap.add_argument("--draft-tokens", type=int, default=4, help="drafts a step with --draft")
     ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--engine", action="store_true", help="the serving engine, speculation off and on")
+    ap.add_argument("--concurrency", type=int, default=1, help="--engine: requests in flight at once")
     args = ap.parse_args()
+    if args.engine:
+        torch.set_num_threads(args.threads)
+        engine_sides(args)
+        return
     torch.set_num_threads(args.threads)
     table = Table(title=f"batch 1, greedy, float32, {args.threads} threads, {args.prompts} prompts per task")
     cols = ("task", "drafts", "plain tok/s", "speculative tok/s", "ratio", "accepted", "tokens/forward", "differ")
@@ -99,6 +114,54 @@ def main() -> None:
                 str(differ[side]),
             )
             console.print(f"{task}, {side}: plain {a:.1f} tok/s, speculative {b:.1f} tok/s ({b / a:.2f}x)")
+    console.print(table)
+
+
+def engine_sides(args: argparse.Namespace) -> None:
+    """Every task's prompts through one engine holding every task's adapter, speculation off and on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, _ = catalog.load(args.model)
+    work = []
+    for task in args.tasks.split(","):
+        chats, max_new = prompts_of(args.examples / task, args.prompts)
+        work += [(task, tok.encode_chat(c), SamplingParams(max_new_tokens=max_new)) for c in chats]
+    # one engine (one thread, one OpenMP pool), speculation switched between the sides
+    plain = EngineConfig(max_batch=max(4, args.concurrency))
+    spec = dataclasses.replace(plain, speculate="ngram", spec_tokens=args.spec_tokens)
+    engine = Engine(model, tok, plain, args.adapters).start()
+    configs = {"plain": plain, "prompt lookup": spec}
+    engines = dict.fromkeys(configs, engine)
+
+    def one(engine: Engine, item: tuple[str, list[int], SamplingParams]) -> list[int]:
+        task, ids, params = item
+        src: Source = engine.cache.resolve(task)
+        return [o.token for o in engine.run(ids, params, [(src, 1.0)]) if o.token is not None]
+
+    answers: dict[str, dict[str, list[list[int]]]] = {side: {} for side in engines}
+    spent: dict[str, dict[str, float]] = {side: {} for side in engines}
+    for task in args.tasks.split(","):
+        items = [w for w in work if w[0] == task]
+        for side, engine in engines.items():  # the sides alternate task by task
+            engine.config = configs[side]
+            one(engine, items[0])  # warm-up: the adapter loads
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                answers[side][task] = list(pool.map(lambda it, e=engine: one(e, it), items))
+            spent[side][task] = time.perf_counter() - t0
+    table = Table(title=f"serving engine, {args.concurrency} request(s) at a time, greedy, {args.prompts} prompts")
+    for col in ("task", "plain tok/s", "speculative tok/s", "ratio", "accepted", "tokens/forward", "differ"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task in args.tasks.split(","):
+        n = [sum(len(a) for a in answers[side][task]) for side in engines]
+        a, b = n[0] / spent["plain"][task], n[1] / spent["prompt lookup"][task]
+        st = engines["prompt lookup"].cache.stat(task)
+        differ = sum(x != y for x, y in zip(answers["plain"][task], answers["prompt lookup"][task], strict=True))
+        per_forward = (st.accepted + st.spec_steps) / max(1, st.spec_steps)
+        table.add_row(task, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{st.accepted / max(1, st.drafted):.0%}",
+                      f"{per_forward:.2f}", str(differ))  # fmt: skip
+        console.print(f"{task}: engine plain {a:.1f} tok/s, speculative {b:.1f} tok/s ({b / a:.2f}x)")
+    engine.stop()
     console.print(table)
 
 
