@@ -126,10 +126,11 @@ def engine_sides(args: argparse.Namespace) -> None:
     for task in args.tasks.split(","):
         chats, max_new = prompts_of(args.examples / task, args.prompts)
         work += [(task, tok.encode_chat(c), SamplingParams(max_new_tokens=max_new)) for c in chats]
-    # one engine (one thread, one OpenMP pool), speculation switched between the sides
+    # one engine whose loop runs on this thread, the one that loaded the model (one OpenMP pool: see
+    # "Engine thread and malloc"), speculation switched between the sides; clients on other threads
     plain = EngineConfig(max_batch=max(4, args.concurrency))
     spec = dataclasses.replace(plain, speculate="ngram", spec_tokens=args.spec_tokens)
-    engine = Engine(model, tok, plain, args.adapters).start()
+    engine = Engine(model, tok, plain, args.adapters)
     configs = {"plain": plain, "prompt lookup": spec}
     engines = dict.fromkeys(configs, engine)
 
@@ -144,11 +145,15 @@ def engine_sides(args: argparse.Namespace) -> None:
         items = [w for w in work if w[0] == task]
         for side, engine in engines.items():  # the sides alternate task by task
             engine.config = configs[side]
-            one(engine, items[0])  # warm-up: the adapter loads
+            pool = ThreadPoolExecutor(args.concurrency)
+            warm = pool.submit(one, engine, items[0])  # warm-up: the adapter loads
+            engine.run_forever(until=warm.done)
             t0 = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                answers[side][task] = list(pool.map(lambda it, e=engine: one(e, it), items))
+            futures = [pool.submit(one, engine, it) for it in items]
+            engine.run_forever(until=lambda fs=futures: all(f.done() for f in fs))
             spent[side][task] = time.perf_counter() - t0
+            answers[side][task] = [f.result() for f in futures]
+            pool.shutdown()
     table = Table(title=f"serving engine, {args.concurrency} request(s) at a time, greedy, {args.prompts} prompts")
     for col in ("task", "plain tok/s", "speculative tok/s", "ratio", "accepted", "tokens/forward", "differ"):
         table.add_column(col, justify="left" if col == "task" else "right")
@@ -161,7 +166,6 @@ def engine_sides(args: argparse.Namespace) -> None:
         table.add_row(task, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{st.accepted / max(1, st.drafted):.0%}",
                       f"{per_forward:.2f}", str(differ))  # fmt: skip
         console.print(f"{task}: engine plain {a:.1f} tok/s, speculative {b:.1f} tok/s ({b / a:.2f}x)")
-    engine.stop()
     console.print(table)
 
 
