@@ -33,7 +33,14 @@ from graftlm.engine.adapter_finder import Source
 from graftlm.engine.engine import Engine, EngineConfig
 from graftlm.engine.generate import Generator
 from graftlm.engine.sampling import SamplingParams
-from graftlm.engine.speculate import SPEC_TOKENS, ModelDrafter, SpecStats, check_draft, speculative_steps
+from graftlm.engine.speculate import (
+    SPEC_TOKENS,
+    ModelDrafter,
+    NgramDrafter,
+    SpecStats,
+    check_draft,
+    speculative_steps,
+)
 from graftlm.loading import catalog
 from graftlm.loading.merged import load_merged
 
@@ -77,7 +84,8 @@ def main() -> None:
         chats, max_new = prompts_of(args.examples / task, args.prompts)
         params = SamplingParams(max_new_tokens=max_new)
         gen.generate([tok.encode_chat(chats[0])], params)  # warm-up
-        sides: dict[str, tuple[int, object]] = {"prompt lookup": (args.spec_tokens, None)}
+        # one drafter per task and side, as a server keeps one per adapter: it remembers the answers before
+        sides: dict[str, tuple[int, object]] = {"prompt lookup": (args.spec_tokens, NgramDrafter())}
         if draft is not None:
             check_draft(model, tok, *draft)
             sides[f"draft {Path(args.draft).name}"] = (args.draft_tokens, ModelDrafter(draft[0]))

@@ -200,7 +200,7 @@ def test_speculative_rows_give_the_plain_tokens_and_count_their_drafts(
         reqs.append(([3 + i, *tok.encode(texts[i % 3])], params, names[i % len(names)]))
     answers = {tuple(p): offline(tiny_dir, None if n is None else adapters_dir / n, p, q) for p, q, n in reqs}
 
-    def oracle(history: list[int], k: int) -> list[int]:
+    def oracle(history: list[int], k: int, memory: object = ()) -> list[int]:
         """The true continuation, its last token wrong for every other prompt; none for row 9 (plain rows)."""
         for prompt, answer in answers.items():
             if tuple(history[: len(prompt)]) == prompt and prompt[0] != 12:
@@ -230,6 +230,30 @@ def test_speculative_rows_give_the_plain_tokens_and_count_their_drafts(
     assert engine.decode_steps < engine.tokens_generated - 11 * 2  # fewer forwards than tokens
     assert f'graftlm_adapter_accepted_total{{adapter="a0"}} {stats["a0"].accepted}' in metrics
     assert f'graftlm_adapter_drafted_total{{adapter="a0"}} {stats["a0"].drafted}' in metrics
+    assert len(engine.answers.store) == 5  # an answer memory per adapter (one tenant)
+
+
+def test_speculation_drafts_from_earlier_answers_of_the_same_tenant_and_adapter(
+    tiny_dir: Path, adapters_dir: Path
+) -> None:
+    engine = make_engine(tiny_dir, adapters_dir, speculate="ngram", spec_tokens=5)
+    tok = engine.tokenizer
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    prompt = tok.encode("teh cat")
+    src = engine.cache.resolve("a1")
+    try:
+        first = [o.token for o in engine.run(prompt, params, [(src, 1.0)]) if o.token is not None]
+        drafted = engine.cache.stat("a1").accepted
+        again = [o.token for o in engine.run(prompt, params, [(src, 1.0)]) if o.token is not None]
+        other = engine.submit(prompt, params, [(src, 1.0)], tenant="b")
+        while not other.done:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert again == first == other.token_ids
+    # the second answer is the first again: drafted from memory, nearly every token accepted
+    assert engine.cache.stat("a1").accepted - drafted >= 20
+    assert {key[0] for key in engine.answers.store} == {"", "b"}  # one memory per tenant
 
 
 def test_speculation_settings_are_checked(tiny_dir: Path, adapters_dir: Path) -> None:

@@ -32,6 +32,25 @@ def test_propose_copies_what_followed_the_latest_match() -> None:
     assert propose([7], 4) == []
 
 
+def test_propose_falls_back_to_earlier_answers_and_memory_is_bounded() -> None:
+    from graftlm.engine.speculate import AnswerMemory
+
+    memory = AnswerMemory(tokens=8, keys=2)
+    memory.add("a", [1, 2, 3, 4])
+    assert propose([9, 9, 1, 2], 3, memory=memory.get("a")) == [3, 4]  # not in the text: from the answers
+    assert propose([1, 2, 7, 5, 1, 2], 3, memory=memory.get("a")) == [7, 5, 1]  # the text itself first
+    memory.add("a", [5, 6, 7, 8, 9])
+    assert memory.get("a") == [3, 4, -1, 5, 6, 7, 8, 9]  # the latest tokens kept, answers separated
+    assert propose([0, 4, 5], 3, memory=memory.get("a")) == []  # no match runs across the separator
+    assert propose([0, 5, 6], 2, memory=memory.get("a")) == [7, 8]
+    assert propose([0, 3, 4], 3, memory=memory.get("a")) == []  # an answer's end drafts nothing after it
+    memory.add("a", [3, 4, 1])
+    assert propose([0, 3, 4], 3, memory=memory.get("a")) == [1]
+    memory.add("b", [1])
+    memory.add("c", [1])
+    assert set(memory.store) == {"b", "c"}  # the least recently used key went
+
+
 def test_spec_tokens_are_bounded() -> None:
     for bad in (0, 17, -1):
         with pytest.raises(ConfigError, match="between 1 and 16"):

@@ -40,7 +40,15 @@ from graftlm.engine.runner import ModelRunner, checked_picks, finite_rows
 from graftlm.engine.sampling import SamplingParams
 from graftlm.engine.scheduler import Scheduler
 from graftlm.engine.sequence import Decoding, check_prompt
-from graftlm.engine.speculate import SPEC_MAX_BATCH, SPEC_TOKENS, accepted_prefix, check_spec_tokens, propose, verify
+from graftlm.engine.speculate import (
+    SPEC_MAX_BATCH,
+    SPEC_TOKENS,
+    AnswerMemory,
+    accepted_prefix,
+    check_spec_tokens,
+    propose,
+    verify,
+)
 from graftlm.errors import ConfigError, GraftlmError
 from graftlm.lora.config import AdapterError
 from graftlm.lora.slots import AdapterSlots
@@ -112,6 +120,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         if config.speculate is not None:
             check_spec_tokens(config.spec_tokens)
+        self.answers = AnswerMemory()  # finished answers per tenant and adapters, for speculation's drafts
         self.device = model.device
         self.stop_ids = tokenizer.stop_ids(model.config.eos_token_id)
         self.max_len = min(config.max_len, model.config.max_position_embeddings)
@@ -331,8 +340,15 @@ class Engine:
         for r in reqs:
             d = r.decoding
             room = min(width, d.budget - d.produced - 1)
-            drafts.append(propose(r.prompt + r.token_ids, room) if room > 0 and d.constraint is None else [])
+            if room > 0 and d.constraint is None:
+                drafts.append(propose(r.prompt + r.token_ids, room, memory=self.answers.get(self._answers_key(r))))
+            else:
+                drafts.append([])
         return drafts if any(drafts) else None
+
+    @staticmethod
+    def _answers_key(r: Request) -> tuple[str, tuple[tuple[str, tuple[int, int, int], float], ...]]:
+        return r.tenant, prefix_key(r)
 
     def _settle_verified(self, reqs: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> None:
         """A verification step's rows: each keeps its accepted drafts and one token of the model's own
@@ -512,12 +528,19 @@ class Engine:
             st.requests += 1
             st.prompt_tokens += len(req.prompt)
             st.completion_tokens += len(req.token_ids)
+        # the answer's key for speculation's memory, before its adapters are released (a request that never
+        # held them has no answer)
+        remember = self.config.speculate is not None and reason in ("stop", "length")
+        remember = remember and len(req.entries) == len(req.adapters)
+        key = self._answers_key(req) if remember else None
         if req.entries:
             self.cache.release(req.entries)
             req.entries = []
         self.scheduler.remove(req)
         if reason == "stop" and token in self.stop_ids and req.token_ids and req.token_ids[-1] == token:
             req.token_ids.pop()  # the EOS token is not part of the answer
+        if key is not None:
+            self.answers.add(key, req.token_ids)
         try:
             req.sink(Output(token, delta, reason, error))
         except Exception:  # a sink that fails (client gone) must not stop the engine

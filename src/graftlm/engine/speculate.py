@@ -15,7 +15,8 @@ same tokens (up to float rounding between a one-token and a many-token forward).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,18 +49,64 @@ def check_spec_tokens(k: int) -> int:
     return k
 
 
-def propose(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+SEPARATOR = -1  # between answers in an `AnswerMemory`: never a token, never drafted
+
+
+def _follow(seq: Sequence[int], tail: list[int], end: int, k: int) -> list[int]:
+    """Up to `k` tokens after the latest occurrence of `tail` that starts before `end` in `seq`."""
+    n = len(tail)
+    for at in range(min(end, len(seq) - n) - 1, -1, -1):  # the latest occurrence copies the most recent context
+        if list(seq[at : at + n]) == tail:
+            follow = list(seq[at + n : at + n + k])
+            if SEPARATOR in follow:  # the end of an earlier answer
+                follow = follow[: follow.index(SEPARATOR)]
+            if follow:
+                return follow
+    return []
+
+
+def propose(
+    history: Sequence[int],
+    k: int,
+    max_ngram: int = MAX_NGRAM,
+    min_ngram: int = MIN_NGRAM,
+    memory: Sequence[int] = (),
+) -> list[int]:
     """Up to `k` tokens that followed the latest earlier occurrence of the text's last n tokens (n from
-    `max_ngram` down to `min_ngram`); none when no such suffix occurs earlier."""
+    `max_ngram` down to `min_ngram`), in the text itself, else in `memory` (earlier answers of the same
+    adapter: a task's answers share their form, e.g. the keys and punctuation of its JSON); none when
+    the suffix occurs in neither."""
     size = len(history)
     for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         tail = list(history[size - n :])
-        for at in range(size - n - 1, -1, -1):  # the latest occurrence copies the most recent context
-            if list(history[at : at + n]) == tail:
-                follow = list(history[at + n : at + n + k])
-                if follow:
-                    return follow
+        follow = _follow(history, tail, size - n, k) or _follow(memory, tail, len(memory), k)
+        if follow:
+            return follow
     return []
+
+
+class AnswerMemory:
+    """The latest answers per key (a tenant and its adapters), for prompt lookup to draft from: at most
+    `tokens` per key and `keys` keys, the least recently used key dropped first. Keyed by tenant, so one
+    client's drafts never come from another's answers (drafts change no output, but could change timing)."""
+
+    def __init__(self, tokens: int = 1024, keys: int = 4096) -> None:
+        self.tokens, self.keys = tokens, keys
+        self.store: OrderedDict[Hashable, list[int]] = OrderedDict()
+
+    def get(self, key: Hashable) -> list[int]:
+        got = self.store.get(key)
+        if got is None:
+            return []
+        self.store.move_to_end(key)
+        return got
+
+    def add(self, key: Hashable, answer: Sequence[int]) -> None:
+        """Remember an answer (a separator before it: no match runs from one answer into the next)."""
+        kept = [*self.store.pop(key, []), SEPARATOR, *answer][-self.tokens :]
+        self.store[key] = kept
+        while len(self.store) > self.keys:
+            self.store.popitem(last=False)
 
 
 class Drafter(Protocol):
@@ -71,13 +118,24 @@ class Drafter(Protocol):
 
 
 class NgramDrafter:
-    """Prompt lookup: what followed the latest earlier occurrence of the text's last 3, else 2 tokens."""
+    """Prompt lookup: what followed the latest earlier occurrence of the text's last 3, else 2 tokens,
+    in the text, else in the answers this drafter drafted for before (`AnswerMemory`)."""
+
+    def __init__(self) -> None:
+        self.memory = AnswerMemory()
+        self.text: Sequence[int] = ()
+        self.answer_from = -1  # where the current text's answer starts
 
     def start(self, max_len: int) -> None:
-        pass
+        if self.answer_from >= 0:
+            self.memory.add("", self.text[self.answer_from :])
+        self.text, self.answer_from = (), -1
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
-        return propose(history, k)
+        if self.answer_from < 0:
+            self.answer_from = len(history) - 1  # the prompt and the first token, chosen by the prefill
+        self.text = history
+        return propose(history, k, memory=self.memory.get(""))
 
 
 def check_draft(target: Llama, target_tok: Tokenizer, draft: Llama, draft_tok: Tokenizer) -> None:
