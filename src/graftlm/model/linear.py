@@ -30,66 +30,54 @@ MAX_ROWS = 8
 paths = FasterPath("gemv")
 
 SOURCE = r"""
+/* A tile of the product: out[j * 4 + r] = w[j] . x[r] for TILE_W weight rows and 4 input rows, each `ld`
+   floats apart. Every loaded piece of weight serves four rows and every loaded piece of input TILE_W
+   weight rows, so several rows (a speculative step's verification) cost about what their arithmetic
+   costs, not a load per multiply-add. 512-bit vectors and 4 x 4 accumulators where the CPU has them
+   (32 vector registers), else 256-bit and 2 x 4. */
 #if defined(__AVX512F__)
-/* A tile of the product: out[j * 4 + r] = w[j] . x[r] for TILE_W weight rows and 4 input rows, each `ld`
-   floats apart. Every loaded piece of weight serves four rows and every loaded piece of input TILE_W
-   weight rows, so several rows (a speculative step's verification) cost about what their arithmetic
-   costs, not a load per multiply-add; 512-bit products where the CPU has them. */
 #define TILE_W 4
-static inline void dot_tile(const float *w, const float *x, int64_t ld, int64_t n, float *out) {
-    __m512 acc[TILE_W][4];
-    for (int j = 0; j < TILE_W; j++)
-        for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + ld + i);
-        const __m512 x2 = _mm512_loadu_ps(x + 2 * ld + i), x3 = _mm512_loadu_ps(x + 3 * ld + i);
-        for (int j = 0; j < TILE_W; j++) {
-            const __m512 wj = _mm512_loadu_ps(w + j * ld + i);
-            acc[j][0] = _mm512_fmadd_ps(wj, x0, acc[j][0]);
-            acc[j][1] = _mm512_fmadd_ps(wj, x1, acc[j][1]);
-            acc[j][2] = _mm512_fmadd_ps(wj, x2, acc[j][2]);
-            acc[j][3] = _mm512_fmadd_ps(wj, x3, acc[j][3]);
-        }
-    }
-    for (int j = 0; j < TILE_W; j++)
-        for (int r = 0; r < 4; r++) {
-            float s = _mm512_reduce_add_ps(acc[j][r]);
-            for (int64_t t = i; t < n; t++) s += w[j * ld + t] * x[r * ld + t];
-            out[j * 4 + r] = s;
-        }
-}
+#define TILE_LANES 16
+typedef __m512 tile_vec;
+#define tile_zero _mm512_setzero_ps
+#define tile_load _mm512_loadu_ps
+#define tile_fma _mm512_fmadd_ps
+static inline float tile_sum(tile_vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__)
-/* A tile of the product: out[j * 4 + r] = w[j] . x[r] for TILE_W weight rows and 4 input rows, each `ld`
-   floats apart. Every loaded piece of weight serves four rows and every loaded piece of input TILE_W
-   weight rows, so several rows (a speculative step's verification) cost about what their arithmetic
-   costs, not a load per multiply-add. TILE_W x 4 accumulators: 16 where the CPU has 32 vector registers. */
-#ifdef __AVX512VL__
-#define TILE_W 4
-#else
 #define TILE_W 2
+#define TILE_LANES 8
+typedef __m256 tile_vec;
+#define tile_zero _mm256_setzero_ps
+#define tile_load _mm256_loadu_ps
+#define tile_fma _mm256_fmadd_ps
+static inline float tile_sum(tile_vec v) {
+    float l[8], s = 0.f;
+    _mm256_storeu_ps(l, v);
+    for (int i = 0; i < 8; i++) s += l[i];
+    return s;
+}
 #endif
+
+#ifdef TILE_LANES
 static inline void dot_tile(const float *w, const float *x, int64_t ld, int64_t n, float *out) {
-    __m256 acc[TILE_W][4];
+    tile_vec acc[TILE_W][4];
     for (int j = 0; j < TILE_W; j++)
-        for (int r = 0; r < 4; r++) acc[j][r] = _mm256_setzero_ps();
+        for (int r = 0; r < 4; r++) acc[j][r] = tile_zero();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + ld + i);
-        const __m256 x2 = _mm256_loadu_ps(x + 2 * ld + i), x3 = _mm256_loadu_ps(x + 3 * ld + i);
+    for (; i + TILE_LANES <= n; i += TILE_LANES) {
+        const tile_vec x0 = tile_load(x + i), x1 = tile_load(x + ld + i);
+        const tile_vec x2 = tile_load(x + 2 * ld + i), x3 = tile_load(x + 3 * ld + i);
         for (int j = 0; j < TILE_W; j++) {
-            const __m256 wj = _mm256_loadu_ps(w + j * ld + i);
-            acc[j][0] = _mm256_fmadd_ps(wj, x0, acc[j][0]);
-            acc[j][1] = _mm256_fmadd_ps(wj, x1, acc[j][1]);
-            acc[j][2] = _mm256_fmadd_ps(wj, x2, acc[j][2]);
-            acc[j][3] = _mm256_fmadd_ps(wj, x3, acc[j][3]);
+            const tile_vec wj = tile_load(w + j * ld + i);
+            acc[j][0] = tile_fma(wj, x0, acc[j][0]);
+            acc[j][1] = tile_fma(wj, x1, acc[j][1]);
+            acc[j][2] = tile_fma(wj, x2, acc[j][2]);
+            acc[j][3] = tile_fma(wj, x3, acc[j][3]);
         }
     }
     for (int j = 0; j < TILE_W; j++)
         for (int r = 0; r < 4; r++) {
-            float v[8], s = 0.f;
-            _mm256_storeu_ps(v, acc[j][r]);
-            for (int l = 0; l < 8; l++) s += v[l];
+            float s = tile_sum(acc[j][r]);
             for (int64_t t = i; t < n; t++) s += w[j * ld + t] * x[r * ld + t];
             out[j * 4 + r] = s;
         }
