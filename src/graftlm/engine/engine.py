@@ -363,8 +363,8 @@ class Engine:
                 continue
             try:
                 if self._greedy(r):
-                    picks = both[1][i]
-                    new = [*draft[: accepted_prefix(picks, draft)], picks[accepted_prefix(picks, draft)]]
+                    kept = accepted_prefix(both[1][i], draft)
+                    new = [*draft[:kept], both[1][i][kept]]
                 else:
                     new = verify(logits[i, : len(draft) + 1], draft, r.decoding.params, r.decoding.generator)
             except Exception as e:  # this row's settings: fail it alone

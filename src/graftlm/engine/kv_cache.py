@@ -69,8 +69,8 @@ class RowKVCache(KVCache):
         return PackedView(self, row0, lengths)
 
     def decode(self, positions: torch.Tensor) -> DecodeView:
-        """Rows 0..n-1 each writing one token at its own position (`positions` [n] long), or S tokens at
-        their own positions (`positions` [n, S]: a speculative step's last token and drafts)."""
+        """Rows 0..n-1 each writing S tokens at their own positions (`positions` [n, S] long: the last token,
+        and in a speculative step its drafts after it)."""
         return DecodeView(self, positions)
 
     def clear(self, row: int, length: int) -> None:
@@ -95,12 +95,9 @@ class DecodeView:
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [n, KV, S, D] at each row's positions; return keys and values [n, KV, end, D]."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        if self.positions.dim() == 1:
-            ck[self.rows, :, self.positions] = k[:, :, 0]
-            cv[self.rows, :, self.positions] = v[:, :, 0]
-        else:  # index [n, S] on rows and positions: the values go as [n, S, KV, D]
-            ck[self.rows[:, None], :, self.positions] = k.transpose(1, 2)
-            cv[self.rows[:, None], :, self.positions] = v.transpose(1, 2)
+        # index [n, S] on rows and positions: the values go as [n, S, KV, D]
+        ck[self.rows[:, None], :, self.positions] = k.transpose(1, 2)
+        cv[self.rows[:, None], :, self.positions] = v.transpose(1, 2)
         return ck[: self.n, :, : self.end], cv[: self.n, :, : self.end]
 
 

@@ -21,12 +21,7 @@ class ModelRunner:
 
     def decode(self, reqs: Sequence[Request]) -> torch.Tensor:
         """One token for each decoding row (rows 0..n-1); logits [n, V]."""
-        pos = torch.tensor([r.filled for r in reqs], device=self.device)  # [n]
-        view = self.kv.decode(pos)
-        mask = (torch.arange(view.end, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        tokens = torch.tensor([[r.last_token] for r in reqs], device=self.device)  # [n, 1]
-        adapters = self._adapters(reqs)
-        logits = self.model(tokens, pos[:, None], view, 0, adapters=adapters, attn_mask=mask, last_only=True)[:, -1]
+        logits = self.verify(reqs, [()] * len(reqs))[:, -1]
         for r in reqs:
             r.filled += 1
         return logits
@@ -35,7 +30,7 @@ class ModelRunner:
         """Each row's last token and its drafts in one forward (rows padded to the longest, the padding's
         keys and values written past the row's tokens, where a later step overwrites them before any
         query sees them); logits [n, S, V], position j predicting what follows draft[:j]. Rows' `filled`
-        is left to the caller, which knows how many drafts were accepted."""
+        is left to the caller, which knows how many drafts were accepted (`decode`: no drafts, S = 1)."""
         width = 1 + max(len(d) for d in drafts)
         offsets = torch.arange(width, device=self.device)
         pos = torch.tensor([r.filled for r in reqs], device=self.device)[:, None] + offsets  # [n, S]
