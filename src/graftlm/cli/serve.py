@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 from graftlm.cli.fields import add_fields, build
@@ -111,7 +112,15 @@ def settings_from(args: argparse.Namespace, model_name: str) -> ServerSettings:
 
 
 def replica_parts(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
-    """One replica's engine and settings (called on each Ray Serve replica)."""
+    """One replica's engine and settings (called on each Ray Serve replica). Its graftlm logs go to its
+    stderr, which Ray keeps in the replica's log file and shows on the terminal of `serve --ray`."""
+    logger = logging.getLogger("graftlm")
+    if not logger.handlers:  # the replica's process ran no `main`
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+        logger.propagate = False
     engine, name = build_engine(args)
     return engine, settings_from(args, name)
 
