@@ -21,7 +21,8 @@ import pytest
 from graftlm.cli.main import build_parser
 from graftlm.cli.serve import replica_parts
 from graftlm.lora.peft_io import save_adapter
-from graftlm.server.ray_serve import OWN_CLUSTER_SERVE, adapter_of, build_app, merge_metrics
+from graftlm.server import ray_metrics
+from graftlm.server.ray_serve import OWN_CLUSTER_SERVE, adapter_of, build_app
 from graftlm.server.run import free_port
 from tests.lora.helpers import EIGHT, random_adapter
 
@@ -29,15 +30,24 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'graf
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'graftlm[ray]')")
 
 
+def _app(tiny_dir: Path, adapters: Path, *extra: str, max_ongoing: int = 64) -> object:
+    args = build_parser().parse_args(
+        ["serve", "-m", str(tiny_dir), "--adapters", str(adapters), "--name", "tiny", "--max-batch", "4", *extra]
+    )
+    return build_app(functools.partial(replica_parts, args), 2, 8, 0.0, metrics_every_s=1.0, max_ongoing=max_ongoing)
+
+
 @pytest.fixture(scope="module")
-def url(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    adapters = tmp_path_factory.mktemp("adapters")
+def adapters(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("adapters")
     for i, config in enumerate(EIGHT[:4]):
         a = random_adapter(tiny_dir, config, seed=i)
-        save_adapter(adapters / f"a{i}", config, a.tensors, a.base_fingerprint)
-    args = build_parser().parse_args(
-        ["serve", "-m", str(tiny_dir), "--adapters", str(adapters), "--name", "tiny", "--max-batch", "4"]
-    )
+        save_adapter(out / f"a{i}", config, a.tensors, a.base_fingerprint)
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(tiny_dir: Path, adapters: Path) -> Iterator[str]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
     try:
@@ -48,8 +58,7 @@ def url(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         serve.start(http_options={"host": "127.0.0.1", "port": port})
     except Exception as e:
         pytest.skip(f"Ray Serve could not start here: {type(e).__name__}: {e}")
-    app = build_app(functools.partial(replica_parts, args), 2, 8, 0.0, metrics_every_s=1.0)
-    serve.run(app, name="graftlm", route_prefix="/")
+    serve.run(_app(tiny_dir, adapters, "--max-body-mb", "0.01"), name="graftlm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -82,11 +91,16 @@ def test_the_openai_api_answers_through_the_replicas(url: str) -> None:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     bad = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 or bad.status_code == 422
+    long = b'{"model": "a1", "prompt": "' + b"x" * 20_000 + b'"}'  # --max-body-mb 0.01: 10,485 bytes
+    assert httpx.post(f"{url}/v1/completions", content=long).status_code == 413  # a declared length
+    chunked = httpx.post(f"{url}/v1/completions", content=iter([long[:6000], long[6000:]]))  # none declared
+    assert chunked.status_code == 413 and "body" in chunked.json()["error"]["message"]
 
 
 def test_an_adapters_requests_stay_on_the_replica_that_holds_it(url: str) -> None:
-    """Once Ray's router knows where an adapter is held (replicas report what they hold every 0.1 s, so a
-    request racing that report may still go elsewhere), every request for it goes to that replica."""
+    """Once Ray's router knows where an adapter is held (replicas report what they hold and Ray's controller
+    passes it on every 0.5 s, so a request racing that may still go elsewhere), every request for it is
+    served by that replica: where it lands, or forwarded there."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     names = ("a0", "a2", "a3")
     for name in names:  # each adapter gets a holder
@@ -127,7 +141,7 @@ def test_a_killed_replica_ends_its_requests_with_an_error_and_is_replaced(url: s
 
     with ThreadPoolExecutor(12) as pool:
         pending = [pool.submit(one, i) for i in range(12)]
-        time.sleep(0.5)
+        time.sleep(0.3)
         ray.kill(ray.get_actor(holder["name"], namespace=holder["namespace"]), no_restart=True)
         ended = [f.result(timeout=120) for f in pending]  # raises TimeoutError on a hang
     for status, text in ended:
@@ -153,6 +167,39 @@ def test_a_killed_replica_ends_its_requests_with_an_error_and_is_replaced(url: s
         pytest.fail("Ray Serve did not replace the killed replica")
 
 
+def test_forwards_never_wedge_full_replicas_and_metrics_follow_the_keys(
+    url: str, tiny_dir: Path, adapters: Path, tmp_path: Path
+) -> None:
+    """Redeployed with 2 requests per replica and API keys: 16 requests at once for adapters no replica holds
+    yet all end (forwards take at most half of a replica's slots); /metrics wants a key, and shows a tenant
+    only its own adapters' series, an admin all of them."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        '[[keys]]\nkey = "sk-admin-0123456789abcdef"\ntenant = "ops"\nadapters = ["*"]\nadmin = true\n'
+        '[[keys]]\nkey = "sk-team-a-0123456789abcdef"\ntenant = "a"\nadapters = ["a1"]\n'
+    )
+    serve.delete("graftlm")
+    serve.run(_app(tiny_dir, adapters, "--keys", str(keys), max_ongoing=2), name="graftlm", route_prefix="/")
+    admin = {"authorization": "Bearer sk-admin-0123456789abcdef"}
+
+    def one(i: int) -> int:
+        body = {"model": f"a{i % 4}", "prompt": f"the quick {i}", "max_tokens": 8, "temperature": 0}
+        return httpx.post(f"{url}/v1/completions", json=body, headers=admin, timeout=90).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(16), timeout=120))  # raises TimeoutError on a hang
+    assert statuses == [200] * 16
+
+    time.sleep(1.5)  # a metrics report
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    everything = httpx.get(f"{url}/metrics", headers=admin).text
+    assert {f'adapter="a{i}"' for i in range(4)} <= set(re.findall(r'adapter="a\d"', everything))
+    assert "graftlm_engine_steps_total" in everything and "graftlm_replicas 2" in everything
+    team = httpx.get(f"{url}/metrics", headers={"authorization": "Bearer sk-team-a-0123456789abcdef"}).text
+    assert set(re.findall(r'adapter="a\d"', team)) == {'adapter="a1"'}
+    assert "graftlm_engine_steps_total" in team
+
+
 def test_adapter_keys_and_merged_metrics() -> None:
     body = json.dumps({"model": "summarize@3", "messages": []}).encode()
     assert adapter_of("POST", "/v1/chat/completions", body) == "summarize"  # versions share their replicas
@@ -160,6 +207,9 @@ def test_adapter_keys_and_merged_metrics() -> None:
     assert adapter_of("POST", "/v1/completions", mix) == "a:0.7+b:0.3"
     assert adapter_of("POST", "/v1/chat/completions", b"{broken") == ""
     assert adapter_of("GET", "/v1/models", b"") == ""
-    merged = merge_metrics({"r1": '# TYPE x counter\nx 2\ny{a="b"} 1.5\n', "r2": "# TYPE x counter\nx 3\n"})
+    merged = ray_metrics.merge({"r1": '# TYPE x counter\nx 2\ny{a="b"} 1.5\n', "r2": "# TYPE x counter\nx 3\n"})
     assert "x 5\n" in merged and 'y{a="b"} 1.5' in merged and 'x{replica="r2"} 3' in merged
     assert 'y{replica="r1",a="b"} 1.5' in merged and "graftlm_replicas 2" in merged
+    text = '# TYPE z counter\nz{adapter="mine"} 1\nz{adapter="theirs"} 2\nz{adapter="(base)"} 3\nw 4\n'
+    shown = ray_metrics.visible(text, lambda name: name in ("mine", "(base)"))
+    assert shown == '# TYPE z counter\nz{adapter="mine"} 1\nz{adapter="(base)"} 3\nw 4\n'

@@ -5,45 +5,46 @@ the HTTP ingress itself (Ray Serve's proxy hands it the request), running graftl
 every endpoint, error and stream is exactly the plain server's. A completion request for an adapter this
 replica holds, or for the base model, is served where it landed. One for an adapter it does not hold goes
 on through Ray Serve's model multiplexing keyed by that adapter: to the replica that holds it, or to one
-Ray picks to load it, so cold loads stay rare. An ingress in front of the replicas would cost every request
+Ray picks to load it, so cold loads stay rare. With one replica nothing is passed on, and at most half of a
+replica's requests wait on forwards (so forwards never wait on each other for ever). An ingress in front of the replicas would cost every request
 a second hop and Ray another process beside the engines (benchmarks/README.md, "Serving on Ray").
 
 A replica that dies is replaced by Ray Serve. A request it held gets a 503 saying to retry (from the proxy
 through `ray_proxy`'s middleware, or from the replica that forwarded it; mid-stream, a cut stream), never a
-hang. `GET /metrics` merges the replicas' (totals, then each replica's series with a `replica` label): each
-replica writes its own to Ray's key-value store every few seconds.
+hang. `GET /metrics` merges the replicas' (`ray_metrics`), showing each caller what graftlm's own
+`/metrics` would.
 
-Needs `graftlm[ray]`; nothing else in graftlm imports Ray.
+Needs `graftlm[ray]`; nothing else in graftlm imports Ray Serve.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import os
-import re
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from graftlm.engine.engine import Engine
-from graftlm.server import asgi_call
+from graftlm.server import asgi_call, ray_metrics
+from graftlm.server.auth import Principal
+from graftlm.server.errors import ApiError
+from graftlm.server.metrics import render_metrics
 from graftlm.server.ray_proxy import STOPPED, Receive, Scope, Send, error_body, respond
 from graftlm.server.settings import ServerSettings
+from graftlm.server.state import principal_of
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "EngineReplica"
 COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
-STALE_S = 60.0  # a replica's metrics older than this (gone, replaced) leave /metrics
 # Ray Serve logs every request in the proxy, the ingress and the replica at INFO: on a small host that
 # costs more CPU than the routing; graftlm's own logs say what happened
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
 METRICS_EVERY_S = 5.0
-KV_NAMESPACE = "graftlm"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 # Ray Serve settings for a cluster graftlm starts itself (Ray's processes inherit them). The proxy answers a
 # request whose replica died with graftlm's 503 (`ray_proxy`). The rest are each one less thread hop or
@@ -62,6 +63,11 @@ OWN_CLUSTER_SERVE = {
 Factory = Callable[[], tuple[Engine, ServerSettings]]
 
 
+def may_see(who: Principal, label: str) -> bool:
+    """Whether `who` sees an adapter's series in /metrics (`(base)`: requests for the base model)."""
+    return who.base if label == "(base)" else bool(label) and who.may_use(label)
+
+
 def adapter_of(method: str, path: str, body: bytes) -> str:
     """The multiplexing key of a request: the `model` of a completion request ("" for anything else; the
     replica's app judges whether the model exists and whether the caller may use it)."""
@@ -76,37 +82,6 @@ def adapter_of(method: str, path: str, body: bytes) -> str:
     # keyed by the adapter's name: `summarize`, `summarize@prod` and `summarize@3` share replicas, and a
     # moved alias stays where its adapter was (one cold load of the new version there)
     return model if "+" in model or ":" in model else model.partition("@")[0]
-
-
-def merge_metrics(texts: dict[str, str]) -> str:
-    """Prometheus texts of several replicas as one: every series summed over replicas, then each replica's
-    series again with a `replica` label."""
-    meta: dict[str, str] = {}
-    totals: dict[str, float] = {}
-    per_replica: list[str] = []
-    for replica, text in sorted(texts.items()):
-        for line in text.splitlines():
-            if line.startswith("#"):
-                meta.setdefault(line, line)
-                continue
-            m = SAMPLE.match(line.strip())
-            if m is None:
-                continue
-            name, labels, value = m.group(1), m.group(2) or "", m.group(3)
-            try:
-                totals[name + labels] = totals.get(name + labels, 0.0) + float(value)
-            except ValueError:
-                continue
-            inner = labels[1:-1]
-            tagged = f'replica="{replica}"' + ("," + inner if inner else "")
-            per_replica.append(f"{name}{{{tagged}}} {value}")
-    lines = list(meta) + [f"{k} {_number(v)}" for k, v in totals.items()] + per_replica
-    lines.append(f"graftlm_replicas {len(texts)}")
-    return "\n".join(lines) + "\n"
-
-
-def _number(v: float) -> str:
-    return str(int(v)) if v == int(v) and abs(v) < 2**53 else repr(v)
 
 
 class EngineThread:
@@ -144,69 +119,57 @@ class EngineThread:
 
 
 class Held:
-    """What Ray Serve's multiplexing keeps for an adapter this replica holds: its key, in `held` until Ray
-    evicts it (Ray calls `__del__` when it drops the least recently used key)."""
+    """What Ray Serve's multiplexing keeps for an adapter this replica holds: itself, in `held` under its key
+    until Ray evicts it. Ray calls `__del__` when it drops the least recently used key, and Python calls it
+    again when the object goes: only the entry that is still this object is removed."""
 
-    def __init__(self, ref: str, held: set[str]) -> None:
+    def __init__(self, ref: str, held: "dict[str, Held]") -> None:
         self.ref, self.held = ref, held
-        held.add(ref)
+        held[ref] = self
 
     def __del__(self) -> None:
-        self.held.discard(self.ref)
+        if self.held.get(self.ref) is self:
+            self.held.pop(self.ref, None)
 
 
-async def read_body(receive: Receive) -> bytes | None:
-    """A request's whole body from ASGI messages (None if the client went away first)."""
-    parts = []
-    while True:
+async def read_body(receive: Receive, limit: int) -> tuple[list[bytes], bool] | None:
+    """A request's body from ASGI messages, up to a little over `limit` bytes: its parts, and whether that is
+    all of it (None if the client went away first)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         parts.append(message.get("body", b""))
+        size += len(parts[-1])
         if not message.get("more_body", False):
-            return b"".join(parts)
+            return parts, True
+    return parts, False
 
 
-def replayed(body: bytes, receive: Receive) -> Receive:
-    """`receive` for an app, giving it `body` already read and then the client's own messages (a
-    disconnect)."""
-    unread = [body]
+def replayed(parts: list[bytes], complete: bool, receive: Receive) -> Receive:
+    """`receive` for an app: the body parts already read, then the client's own messages (the rest of the
+    body if not `complete`, then a disconnect)."""
+    unread = list(reversed(parts))
 
     async def again() -> dict[str, Any]:
         if unread:
-            return {"type": "http.request", "body": unread.pop(), "more_body": False}
+            body = unread.pop()
+            return {"type": "http.request", "body": body, "more_body": bool(unread) or not complete}
         return await receive()
 
     return again
 
 
-def publish_metrics(app: str, replica: str, text: str) -> None:
-    """Keep this replica's latest metrics in the cluster's key-value store (Ray's GCS, where Ray Serve keeps
-    its own state): no actor of its own waking beside the engines."""
-    from ray.experimental import internal_kv
-
-    value = json.dumps({"at": time.time(), "text": text})
-    internal_kv._internal_kv_put(f"metrics/{app}/{replica}", value, namespace=KV_NAMESPACE)
-
-
-def fresh_metrics(app: str, within_s: float) -> dict[str, str]:
-    """Every replica's latest metrics written within `within_s`; older ones (replicas gone) are deleted."""
-    from ray.experimental import internal_kv
-
-    out: dict[str, str] = {}
-    now = time.time()
-    for key in internal_kv._internal_kv_list(f"metrics/{app}/", namespace=KV_NAMESPACE):
-        raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
-        try:
-            entry = json.loads(raw) if raw is not None else {}
-            fresh = now - float(entry["at"]) <= within_s
-        except (ValueError, KeyError, TypeError):
-            fresh = False
-        if fresh:
-            out[key.decode().rpartition("/")[2]] = entry["text"]
-        else:
-            internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
-    return out
+def declared_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def build_app(
@@ -220,6 +183,9 @@ def build_app(
     """The Ray Serve application: `serve.run(build_app(...))`."""
     from ray import serve
     from ray.exceptions import RayError
+
+    forwarders = max(1, max_ongoing // 2)
+    stale_s = 3 * metrics_every_s  # a replica silent this long (gone, replaced) leaves /metrics
 
     # Ray Serve lets a replica hold 5 requests by default, too few for a batching engine; `max_ongoing`
     # (twice the engine's rows) is where Ray starts sending a busy adapter's requests to another replica
@@ -235,13 +201,15 @@ def build_app(
         async def __init__(self, factory: Factory) -> None:
             from graftlm.server.app import create_app
 
-            self.runner = EngineThread(factory)
-            self.graftlm = create_app(self.runner.engine, self.runner.settings)
+            self.runner = await asyncio.to_thread(EngineThread, factory)  # the model loads off the event loop
+            self.settings = self.runner.settings
+            self.graftlm = create_app(self.runner.engine, self.settings)
             context = serve.get_replica_context()
             self.name, self.app_name = context.replica_id.unique_id, context.app_name
-            self.held: set[str] = set()
+            self.held: dict[str, Held] = {}
             self.served: Counter[str] = Counter()  # completion requests served here, per adapter
             self.forwarded: Counter[str] = Counter()  # passed on to the adapter's holder
+            self.forwarding = 0
             self.peers: Any = None
             self.pusher = asyncio.get_running_loop().create_task(self._publish_every(metrics_every_s))
 
@@ -257,22 +225,46 @@ def build_app(
             return Held(ref, self.held)
 
         async def ingress(self, scope: Scope, receive: Receive, send: Send) -> None:
-            """A request from Ray Serve's HTTP proxy."""
+            """A request from Ray Serve's HTTP proxy. An error of this code's own before an answer started gets
+            a 500 here; the proxy's middleware keeps its 503 for a replica that stopped."""
             if scope["type"] != "http":  # the app's lifespan
                 return await self.graftlm(scope, receive, send)
+            started = False
+
+            async def watched(message: dict[str, Any]) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self._route(scope, receive, watched)
+            except Exception as e:
+                if started:
+                    raise
+                log.exception("%s %s failed on this replica", scope["method"], scope["path"])
+                body = error_body(f"the replica could not handle the request: {type(e).__name__}: {e}", 500)
+                await respond(send, 500, "application/json", body)
+
+        async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
             method, path = scope["method"], scope["path"]
             if method == "GET" and path == "/metrics":
-                return await respond(send, 200, PROMETHEUS, (await self.cluster_metrics()).encode())
-            if method != "POST" or path not in COMPLETIONS:
-                return await self.graftlm(scope, receive, send)
-            body = await read_body(receive)
-            if body is None:
+                return await self._metrics(scope, receive, send)
+            limit = self.settings.max_body_bytes
+            length = declared_length(scope)
+            if method != "POST" or path not in COMPLETIONS or (length is not None and length > limit):
+                return await self.graftlm(scope, receive, send)  # (graftlm refuses a long body unread)
+            read = await read_body(receive, limit)
+            if read is None:
                 return
+            parts, complete = read
+            if not complete:  # longer than the limit: graftlm counts it and answers 413
+                return await self.graftlm(scope, replayed(parts, False, receive), send)
+            body = b"".join(parts)
             ref = adapter_of(method, path, body)
-            if ref and ref not in self.held:
+            if ref and ref not in self.held and replicas > 1 and self.forwarding < forwarders:
                 return await self._forward(scope, ref, body, send)
             await self._serving(ref)
-            await self.graftlm(scope, replayed(body, receive), send)
+            await self.graftlm(scope, replayed([body], True, receive), send)
 
         async def handle(
             self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
@@ -293,8 +285,11 @@ def build_app(
             self.served[ref or "(base)"] += 1
 
         async def _forward(self, scope: Scope, ref: str, body: bytes, send: Send) -> None:
-            """Pass a request on to the replica holding its adapter, and its answer back."""
+            """Pass a request on to the replica holding its adapter, and its answer back. A forward holds this
+            replica's slot until the holder answers, so at most half the slots forward: the others serve
+            requests that wait on nothing, and forwards into this replica always find one free in time."""
             self.forwarded[ref] += 1
+            self.forwarding += 1
             if self.peers is None:
                 self.peers = serve.get_deployment_handle(DEPLOYMENT, self.app_name)
             headers = [
@@ -314,6 +309,8 @@ def build_app(
                     log.warning("replica failed before answering %s: %s", target, e)
                     return await respond(send, 503, "application/json", error_body(STOPPED, 503))
                 kept = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]]
+                if head["done"]:
+                    kept.append((b"content-length", str(len(head["body"])).encode()))
                 await send({"type": "http.response.start", "status": head["status"], "headers": kept})
                 await send({"type": "http.response.body", "body": head["body"], "more_body": not head["done"]})
                 if head["done"]:
@@ -321,32 +318,41 @@ def build_app(
                 try:
                     async for chunk in stream:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except RayError as e:  # the holder died mid-stream: end the stream, the client sees it cut
+                except RayError as e:  # the holder died mid-stream: the proxy cuts the connection
                     log.warning("replica failed while streaming %s: %s", target, e)
+                    raise
                 await send({"type": "http.response.body", "body": b""})
             finally:
+                self.forwarding -= 1
                 stream.cancel()  # the client went away (or the answer is done): the holder stops decoding
 
-        async def replica_metrics(self) -> str:
-            """This replica's /metrics plus the completion requests it served and forwarded per adapter."""
-            parts = [p async for p in asgi_call.call(self.graftlm, "GET", "/metrics", [], b"")]
-            text = b"".join(p.body if isinstance(p, asgi_call.Head) else p for p in parts).decode()
-            lines = [text.rstrip("\n")]
+        async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+            """Every live replica's metrics merged (this one's now, the others' as they last wrote them),
+            showing the caller what graftlm's own /metrics would."""
+            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+            try:
+                who = principal_of(self.settings.keys, authorization)
+            except ApiError as e:
+                return await e.response()(scope, receive, send)
+            texts = await asyncio.to_thread(ray_metrics.fresh, self.app_name, stale_s)
+            texts[self.name] = self.replica_metrics()
+            if not who.admin:
+                shown = functools.partial(may_see, who)
+                texts = {replica: ray_metrics.visible(text, shown) for replica, text in texts.items()}
+            await respond(send, 200, PROMETHEUS, ray_metrics.merge(texts).encode())
+
+        def replica_metrics(self) -> str:
+            """This replica's metrics, every adapter's, plus the completion requests it served and forwarded
+            per adapter."""
+            lines = [render_metrics(self.runner.engine).rstrip("\n")]
             for name, counts in (("routed", self.served), ("forwarded", self.forwarded)):
                 lines += [f'graftlm_replica_{name}_total{{adapter="{a}"}} {n}' for a, n in sorted(counts.items())]
             return "\n".join(lines) + "\n"
 
-        async def cluster_metrics(self) -> str:
-            """Every live replica's metrics merged: this one's now, the others' as they last wrote them."""
-            texts = await asyncio.to_thread(fresh_metrics, self.app_name, STALE_S)
-            texts[self.name] = await self.replica_metrics()
-            return merge_metrics(texts)
-
         async def _publish_every(self, seconds: float) -> None:
             while True:
                 try:
-                    text = await self.replica_metrics()
-                    await asyncio.to_thread(publish_metrics, self.app_name, self.name, text)
+                    await asyncio.to_thread(ray_metrics.publish, self.app_name, self.name, self.replica_metrics())
                 except Exception as e:  # metrics must never take the replica down
                     log.warning("could not publish metrics: %s", e)
                 await asyncio.sleep(seconds)
@@ -356,8 +362,14 @@ def build_app(
                 raise RuntimeError("the engine loop stopped")
 
         def __del__(self) -> None:
-            self.pusher.cancel()
-            self.runner.stop()
+            if hasattr(self, "pusher"):
+                self.pusher.cancel()
+                try:
+                    ray_metrics.forget(self.app_name, self.name)
+                except Exception as e:  # the cluster may be going too
+                    log.debug("could not drop this replica's metrics: %s", e)
+            if hasattr(self, "runner"):
+                self.runner.stop()
 
     return EngineReplica.bind(factory)
 

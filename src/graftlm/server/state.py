@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from graftlm.engine.adapter_finder import Source, UnknownAdapterError
 from graftlm.engine.engine import Engine
-from graftlm.server.auth import ANONYMOUS, Principal
+from graftlm.server.auth import ANONYMOUS, KeyRing, Principal
 from graftlm.server.errors import ApiError, not_found
 from graftlm.server.schemas import Sampling
 from graftlm.server.settings import ServerSettings
@@ -62,10 +62,14 @@ def get_server(request: Request) -> Server:
 
 def get_caller(request: Request) -> Principal:
     """The principal of the request's `Authorization: Bearer KEY`; anonymous on a server without keys."""
-    keys = get_server(request).settings.keys
+    return principal_of(get_server(request).settings.keys, request.headers.get("authorization", ""))
+
+
+def principal_of(keys: KeyRing, authorization: str) -> Principal:
+    """The principal of an `Authorization` header's value (`Bearer KEY`); anonymous where there are no keys."""
     if not keys:
         return ANONYMOUS
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "this server needs an API key: send Authorization: Bearer KEY", "invalid_api_key")
     who = keys.lookup(token.strip())
