@@ -6,8 +6,9 @@ every endpoint, error and stream is exactly the plain server's. A completion req
 replica holds, or for the base model, is served where it landed. One for an adapter it does not hold goes
 on through Ray Serve's model multiplexing keyed by that adapter: to the replica that holds it, or to one
 Ray picks to load it, so cold loads stay rare. With one replica nothing is passed on, and at most half of a
-replica's requests wait on forwards (so forwards never wait on each other for ever). An ingress in front of the replicas would cost every request
-a second hop and Ray another process beside the engines (benchmarks/README.md, "Serving on Ray").
+replica's requests wait on forwards (so forwards never wait on each other for ever). An ingress in front of
+the replicas would cost every request a second hop and Ray another process beside the engines
+(benchmarks/README.md, "Serving on Ray").
 
 A replica that dies is replaced by Ray Serve. A request it held gets a 503 saying to retry (from the proxy
 through `ray_proxy`'s middleware, or from the replica that forwarded it; mid-stream, a cut stream), never a
