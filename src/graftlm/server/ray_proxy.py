@@ -30,6 +30,25 @@ async def respond(send: Send, status: int, content_type: str, body: bytes) -> No
     await send({"type": "http.response.body", "body": body})
 
 
+async def run_watched(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> tuple[bool, Exception | None]:
+    """Run `app` on a request: whether it started an answer, and the exception it raised before starting one
+    (one raised after is raised again: the answer is already on its way)."""
+    started = False
+
+    async def watched(message: dict[str, Any]) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, watched)
+    except Exception as e:
+        if started:
+            raise
+        return False, e
+    return started, None
+
+
 class ClearFailures:
     """ASGI middleware: where the app ends (returns or raises) without having started a response, answer
     503 with `STOPPED`; everything else passes through untouched."""
@@ -40,19 +59,9 @@ class ClearFailures:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def watched(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched)
-        except Exception as e:
-            if started:
-                raise
-            log.warning("%s %s failed before answering: %s", scope.get("method"), scope.get("path"), e)
+        started, error = await run_watched(self.app, scope, receive, send)
+        if error is not None:
+            log.warning("%s %s failed before answering: %s", scope.get("method"), scope.get("path"), error)
         if not started:
             await respond(send, 503, "application/json", error_body(STOPPED, 503))
 

@@ -32,8 +32,9 @@ from graftlm.engine.engine import Engine
 from graftlm.server import asgi_call, ray_metrics
 from graftlm.server.auth import Principal
 from graftlm.server.errors import ApiError
+from graftlm.server.limits import BodyLimit
 from graftlm.server.metrics import render_metrics
-from graftlm.server.ray_proxy import STOPPED, Receive, Scope, Send, error_body, respond
+from graftlm.server.ray_proxy import STOPPED, Receive, Scope, Send, error_body, respond, run_watched
 from graftlm.server.settings import ServerSettings
 from graftlm.server.state import principal_of
 
@@ -133,44 +134,29 @@ class Held:
             self.held.pop(self.ref, None)
 
 
-async def read_body(receive: Receive, limit: int) -> tuple[list[bytes], bool] | None:
-    """A request's body from ASGI messages, up to a little over `limit` bytes: its parts, and whether that is
-    all of it (None if the client went away first)."""
-    parts: list[bytes] = []
-    size = 0
-    while size <= limit:
+async def read_body(receive: Receive) -> bytes | None:
+    """A request's whole body from ASGI messages (None if the client went away first)."""
+    parts = []
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         parts.append(message.get("body", b""))
-        size += len(parts[-1])
         if not message.get("more_body", False):
-            return parts, True
-    return parts, False
+            return b"".join(parts)
 
 
-def replayed(parts: list[bytes], complete: bool, receive: Receive) -> Receive:
-    """`receive` for an app: the body parts already read, then the client's own messages (the rest of the
-    body if not `complete`, then a disconnect)."""
-    unread = list(reversed(parts))
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """`receive` for an app, giving it `body` already read and then the client's own messages (a
+    disconnect)."""
+    unread = [body]
 
     async def again() -> dict[str, Any]:
         if unread:
-            body = unread.pop()
-            return {"type": "http.request", "body": body, "more_body": bool(unread) or not complete}
+            return {"type": "http.request", "body": unread.pop(), "more_body": False}
         return await receive()
 
     return again
-
-
-def declared_length(scope: Scope) -> int | None:
-    for key, value in scope["headers"]:
-        if key.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 def build_app(
@@ -205,6 +191,8 @@ def build_app(
             self.runner = await asyncio.to_thread(EngineThread, factory)  # the model loads off the event loop
             self.settings = self.runner.settings
             self.graftlm = create_app(self.runner.engine, self.settings)
+            # graftlm's own limit, before this replica reads a body to route it
+            self.bounded = BodyLimit(self._completion, self.settings.max_body_bytes)
             context = serve.get_replica_context()
             self.name, self.app_name = context.replica_id.unique_id, context.app_name
             self.held: dict[str, Held] = {}
@@ -230,42 +218,30 @@ def build_app(
             a 500 here; the proxy's middleware keeps its 503 for a replica that stopped."""
             if scope["type"] != "http":  # the app's lifespan
                 return await self.graftlm(scope, receive, send)
-            started = False
-
-            async def watched(message: dict[str, Any]) -> None:
-                nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
-
-            try:
-                await self._route(scope, receive, watched)
-            except Exception as e:
-                if started:
-                    raise
-                log.exception("%s %s failed on this replica", scope["method"], scope["path"])
-                body = error_body(f"the replica could not handle the request: {type(e).__name__}: {e}", 500)
+            _, error = await run_watched(self._route, scope, receive, send)
+            if error is not None:
+                log.error("%s %s failed on this replica", scope["method"], scope["path"], exc_info=error)
+                body = error_body(f"the replica could not handle the request: {type(error).__name__}: {error}", 500)
                 await respond(send, 500, "application/json", body)
 
         async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
             method, path = scope["method"], scope["path"]
             if method == "GET" and path == "/metrics":
                 return await self._metrics(scope, receive, send)
-            limit = self.settings.max_body_bytes
-            length = declared_length(scope)
-            if method != "POST" or path not in COMPLETIONS or (length is not None and length > limit):
-                return await self.graftlm(scope, receive, send)  # (graftlm refuses a long body unread)
-            read = await read_body(receive, limit)
-            if read is None:
+            if method != "POST" or path not in COMPLETIONS:
+                return await self.graftlm(scope, receive, send)
+            await self.bounded(scope, receive, send)
+
+        async def _completion(self, scope: Scope, receive: Receive, send: Send) -> None:
+            """A completion request whose body `BodyLimit` has read (a longer one got its 413 there)."""
+            body = await read_body(receive)
+            if body is None:
                 return
-            parts, complete = read
-            if not complete:  # longer than the limit: graftlm counts it and answers 413
-                return await self.graftlm(scope, replayed(parts, False, receive), send)
-            body = b"".join(parts)
-            ref = adapter_of(method, path, body)
+            ref = adapter_of(scope["method"], scope["path"], body)
             if ref and ref not in self.held and replicas > 1 and self.forwarding < forwarders:
                 return await self._forward(scope, ref, body, send)
             await self._serving(ref)
-            await self.graftlm(scope, replayed([body], True, receive), send)
+            await self.graftlm(scope, replayed(body, receive), send)
 
         async def handle(
             self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
